@@ -1,0 +1,168 @@
+"""Where each architecture keeps its blocks, final norm and unembedding — as data, not code.
+
+Every supported family is one row of :data:`ARCHITECTURES`, keyed by ``config.model_type``: dotted
+module paths relative to the ``*ForCausalLM`` model, plus the config attributes of anything the
+model applies to its logits after the head. :class:`Adapter` resolves a row against a loaded model
+and gives the lens its one operation, :meth:`Adapter.unembed` — final norm, whatever sits between
+norm and head, the head, and the logit post-processing — so that ``unembed(output of block L)``
+is exactly the model's own logits.
+
+Adding a family: add a row, then add its tiny config to ``tests/tiny_models.py``; the test suite
+checks that layer L of the lens equals the model's logits and that early exits equal a truncated
+copy of the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import UnsupportedArchitectureError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    decoder: str
+    """The base model: its forward returns ``last_hidden_state`` with the final norm applied."""
+    blocks: str
+    """The ``ModuleList`` of decoder blocks, in order."""
+    final_norm: str | None
+    """The norm applied after the last block (may resolve to ``None``, e.g. OPT-350m)."""
+    between: tuple[str, ...] = ()
+    """Modules applied after the final norm and before the head (e.g. OPT's ``project_out``)."""
+    logit_softcap: str | None = None
+    """Config attribute: ``logits = cap * tanh(logits / cap)`` (Gemma-2)."""
+    logit_scale: str | None = None
+    """Config attribute: ``logits = logits * scale`` (Cohere)."""
+    logit_divide: str | None = None
+    """Config attribute: ``logits = logits / d`` (Granite)."""
+
+
+_LLAMA_LIKE = ArchSpec(decoder="model", blocks="model.layers", final_norm="model.norm")
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": ArchSpec("model", "model.layers", "model.norm", logit_softcap="final_logit_softcapping"),
+    "gpt2": ArchSpec(decoder="transformer", blocks="transformer.h", final_norm="transformer.ln_f"),
+    "gpt_neox": ArchSpec(decoder="gpt_neox", blocks="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm"),
+    "opt": ArchSpec(
+        decoder="model",
+        blocks="model.decoder.layers",
+        final_norm="model.decoder.final_layer_norm",
+        between=("model.decoder.project_out",),
+    ),
+}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+def spec_for(model_type: str) -> ArchSpec:
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"model_type {model_type!r} is not supported (supported: {', '.join(supported_model_types())})",
+            "add a row for it to layerwise.archs.ARCHITECTURES (module paths of its blocks, final norm "
+            "and head) and its tiny config to tests/tiny_models.py",
+        ) from None
+
+
+def _resolve(root: Any, path: str) -> Any:
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+class Adapter:
+    """One loaded model seen through its :class:`ArchSpec`."""
+
+    def __init__(self, model: Any, spec: ArchSpec | None = None) -> None:
+        model_type = getattr(model.config, "model_type", None)
+        self.model = model
+        self.spec = spec or spec_for(str(model_type))
+        self.model_type = model_type
+        self.decoder = _resolve(model, self.spec.decoder)
+        self.blocks = _resolve(model, self.spec.blocks)
+        if self.decoder is None or self.blocks is None:
+            raise UnsupportedArchitectureError(
+                f"{type(model).__name__} (model_type {model_type!r}) has no {self.spec.blocks!r}",
+                "its module layout differs from layerwise.archs.ARCHITECTURES; fix that row",
+            )
+        self.final_norm = _resolve(model, self.spec.final_norm) if self.spec.final_norm else None
+        self.between = [m for m in (_resolve(model, p) for p in self.spec.between) if m is not None]
+        self.head = model.get_output_embeddings()
+        if self.head is None:
+            raise UnsupportedArchitectureError(
+                f"{type(model).__name__} has no output embeddings (no LM head)",
+                "pass a *ForCausalLM model",
+            )
+        cfg = model.config
+        self.softcap = getattr(cfg, self.spec.logit_softcap, None) if self.spec.logit_softcap else None
+        self.scale = getattr(cfg, self.spec.logit_scale, None) if self.spec.logit_scale else None
+        self.divide = getattr(cfg, self.spec.logit_divide, None) if self.spec.logit_divide else None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    def _head_device(self) -> "torch.device":
+        for p in self.head.parameters():
+            return p.device
+        raise UnsupportedArchitectureError("the LM head has no parameters", "pass a *ForCausalLM model")
+
+    def _norm_device(self) -> "torch.device | None":
+        if self.final_norm is None:
+            return None
+        for p in self.final_norm.parameters():
+            return p.device
+        return None
+
+    def prepare(self, hidden: "torch.Tensor", *, norm: bool = True) -> "torch.Tensor":
+        """Hidden states → head input: the final norm (when ``norm``) and anything before the head."""
+        x = hidden
+        if norm and self.final_norm is not None:
+            dev = self._norm_device()
+            if dev is not None and x.device != dev:
+                x = x.to(dev)
+            x = self.final_norm(x)
+        for mod in self.between:
+            x = mod(x)
+        return x
+
+    def logits(self, x: "torch.Tensor") -> "torch.Tensor":
+        """Head input → logits (float32), with the model's logit scaling / soft-capping."""
+        import torch
+
+        dev = self._head_device()
+        if x.device != dev:
+            x = x.to(dev)
+        out = self.head(x)
+        if self.scale is not None:
+            out = out * self.scale
+        if self.divide is not None:
+            out = out / self.divide
+        if self.softcap is not None:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out.float()
+
+    def unembed(self, hidden: "torch.Tensor", *, norm: bool = True) -> "torch.Tensor":
+        """Logits (float32) for hidden states at any layer.
+
+        ``norm=True`` applies the final norm first (use it for layers 0..L-1; the base model's
+        ``last_hidden_state`` is already normed, so pass ``norm=False`` for layer L).
+        ``norm=False`` on an intermediate layer is the raw lens that skips the norm.
+        """
+        return self.logits(self.prepare(hidden, norm=norm))

@@ -1,0 +1,306 @@
+"""Early-exit generation for several exit layers in one batched, KV-cached decode.
+
+Rows are ``exits × prompts``, ordered deepest exit first. The prompts are prefilled once through
+the whole model (or taken from a prefill the caller already ran, e.g. the lens forward); the KV
+cache of block j is then repeated for just the rows whose exit is at or beyond j. In each decode
+step every block j runs only on those rows — a prefix of the batch — and passes the other rows'
+hidden states through unchanged, so a row that exits at k reaches the model's own final norm and
+head with the output of block k: exactly "the first k blocks + final norm + unembedding", at the
+cost of k blocks. Finished rows (EOS or budget) are dropped from the batch and from every
+layer's cache once enough of them have accumulated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .archs import Adapter
+from .errors import ConfigError
+from .lens import cache_kwarg, capture_hidden, position_ids_from_mask
+
+
+@dataclass
+class Decoding:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}", "pass --max-new-tokens 1 or more")
+        if self.do_sample and not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0 when sampling, got {self.temperature!r}", "pass a positive --temperature")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}", "pass --top-p between 0 and 1")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1, got {self.top_k!r}", "pass a positive --top-k")
+
+    def describe(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "temperature": self.temperature,
+                "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed}
+
+
+@dataclass
+class Prefill:
+    """A prefill of the prompts through every block.
+
+    ``cache`` holds the KV cache of all L blocks for the P prompts (left padded, ``mask``);
+    ``last_hidden[k]`` is layer k's hidden state at the last prompt position, ``(P, d)``, for every
+    exit layer k (layer L: the base model's normed last hidden state).
+    """
+
+    cache: Any
+    mask: torch.Tensor
+    last_hidden: dict[int, torch.Tensor]
+
+
+@dataclass
+class ExitGenerations:
+    exits: list[int]
+    tokens: dict[int, list[list[int]]]  # exit -> per prompt, generated ids (EOS included if produced)
+    first_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # exit -> (P, V) float32
+    steps: int = 0
+
+
+def validate_exits(exits: Sequence[Any], num_layers: int) -> list[int]:
+    """Check user exit layers: integers in 1..L, no duplicates. Returns them sorted ascending."""
+    out: list[int] = []
+    for e in exits:
+        if isinstance(e, bool) or not isinstance(e, int):
+            try:
+                e_int = int(str(e).strip())
+            except ValueError:
+                raise ConfigError(f"exit layer {e!r} is not a whole number", f"pass layers between 1 and {num_layers}, e.g. --exit-layers 8,16,{num_layers}") from None
+        else:
+            e_int = e
+        if not 1 <= e_int <= num_layers:
+            raise ConfigError(
+                f"exit layer {e_int} is outside 1..{num_layers} (this model has {num_layers} blocks; layer k = output of block k)",
+                f"pass layers between 1 and {num_layers}",
+            )
+        if e_int in out:
+            raise ConfigError(f"exit layer {e_int} is given twice", "list each exit layer once")
+        out.append(e_int)
+    if not out:
+        raise ConfigError("no exit layers given", f"pass at least one layer between 1 and {num_layers}")
+    return sorted(out)
+
+
+def default_exits(num_layers: int) -> list[int]:
+    """ceil(q·L/4) for q = 1..4: 8/16/24/32 for 32 blocks, 8/15/23/30 for 30."""
+    return sorted({-(-q * num_layers // 4) for q in range(1, 5)})
+
+
+def eos_ids(bundle: Any) -> set[int]:
+    gen = getattr(bundle.model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = bundle.tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
+def _slice_rows(x: Any, batch: int, n: int) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x[:n] if x.dim() >= 2 and x.shape[0] == batch else x
+    if isinstance(x, tuple) and x and all(isinstance(t, torch.Tensor) for t in x):
+        return tuple(_slice_rows(t, batch, n) for t in x)
+    return x
+
+
+@contextlib.contextmanager
+def gated_blocks(adapter: Adapter, active: list[int]) -> Iterator[list[int]]:
+    """Make block j run on the first ``active[j]`` rows only; other rows pass through unchanged.
+
+    ``active`` is read at call time, so the caller may update it in place between steps.
+    """
+    patched = []
+    for j, block in enumerate(adapter.blocks):
+        had_own = "forward" in block.__dict__
+        orig = block.forward
+
+        def gated(hidden_states: torch.Tensor, *args: Any, _orig: Any = orig, _j: int = j, **kwargs: Any) -> Any:
+            batch = hidden_states.shape[0]
+            n = active[_j]
+            if n >= batch:
+                return _orig(hidden_states, *args, **kwargs)
+            if n <= 0:
+                return hidden_states
+            sub_args = [_slice_rows(a, batch, n) for a in args]
+            sub_kwargs = {k: (v if k == "cache_position" else _slice_rows(v, batch, n)) for k, v in kwargs.items()}
+            out = _orig(hidden_states[:n], *sub_args, **sub_kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+            full = torch.cat([h, hidden_states[n:]], dim=0)
+            return (full, *out[1:]) if isinstance(out, tuple) else full
+
+        block.forward = gated
+        patched.append((block, had_own, orig))
+    try:
+        yield active
+    finally:
+        for block, had_own, orig in patched:
+            if had_own:
+                block.forward = orig
+            else:
+                del block.forward
+
+
+def _cache_layers(cache: Any) -> list[Any]:
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise RuntimeError("this transformers version's cache has no per-layer storage (cache.layers)")
+    return layers
+
+
+def _map_layer(layer: Any, fn: Any) -> None:
+    for name in ("keys", "values"):
+        t = getattr(layer, name, None)
+        if isinstance(t, torch.Tensor) and t.numel():
+            setattr(layer, name, fn(t))
+
+
+def _accepts(module: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return True
+
+
+def prefill(bundle: Any, input_ids: torch.Tensor, mask: torch.Tensor, layers: Sequence[int]) -> Prefill:
+    """Run the prompts once through all blocks, keeping the cache and the last-position states."""
+    from transformers import DynamicCache
+
+    adapter: Adapter = bundle.adapter
+    L = adapter.num_layers
+    cache = DynamicCache(config=bundle.model.config)
+    kwargs: dict[str, Any] = {cache_kwarg(adapter.decoder): cache}
+    if _accepts(adapter.decoder, "position_ids"):
+        kwargs["position_ids"] = position_ids_from_mask(mask)
+    with torch.inference_mode(), capture_hidden(adapter, select=slice(-1, None)) as store:
+        out = adapter.decoder(input_ids=input_ids, attention_mask=mask, use_cache=True, **kwargs)
+    store[L] = out.last_hidden_state[:, -1:]
+    return Prefill(cache=cache, mask=mask, last_hidden={k: store[k][:, 0] for k in layers})
+
+
+def _pick(logits: torch.Tensor, dec: Decoding, gen: torch.Generator | None) -> torch.Tensor:
+    if not dec.do_sample:
+        return logits.argmax(-1)
+    x = logits.float().cpu() / dec.temperature
+    if dec.top_k is not None:
+        kth = x.topk(min(dec.top_k, x.shape[-1]), dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if dec.top_p is not None and dec.top_p < 1:
+        sorted_x, order = x.sort(dim=-1, descending=False)
+        cum = sorted_x.softmax(-1).cumsum(-1)
+        drop_sorted = cum <= (1 - dec.top_p)
+        drop_sorted[..., -1] = False
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        x = x.masked_fill(drop, float("-inf"))
+    probs = x.softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def generate_exits(
+    bundle: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    exits: Sequence[int],
+    decoding: Decoding | None = None,
+    *,
+    prefilled: Prefill | None = None,
+    compact_fraction: float = 0.25,
+) -> ExitGenerations:
+    """Generate for every prompt (left-padded ``input_ids``) at every exit layer in one decode.
+
+    Returns the generated ids per exit and prompt (stopping at EOS, which is included, or at
+    ``max_new_tokens``), and the first-token logits of every exit.
+    """
+    dec = decoding or Decoding()
+    dec.validate()
+    adapter: Adapter = bundle.adapter
+    model = bundle.model
+    L = adapter.num_layers
+    exits_sorted = validate_exits(list(exits), L)
+    order = sorted(exits_sorted, reverse=True)  # deepest first: each block's rows are a prefix
+    dev = next(model.parameters()).device
+    input_ids = input_ids.to(dev)
+    attention_mask = attention_mask.to(dev)
+    P = input_ids.shape[0]
+    pre = prefilled or prefill(bundle, input_ids, attention_mask, order)
+    eos = eos_ids(bundle)
+    gen = torch.Generator(device="cpu").manual_seed(dec.seed) if dec.do_sample else None
+
+    # Rows: exit-major, deepest exit first.
+    row_exit = torch.tensor([e for e in order for _ in range(P)])
+    row_prompt = torch.tensor([p for _ in order for p in range(P)])
+
+    with torch.inference_mode():
+        first_logits = {e: adapter.unembed(pre.last_hidden[e].to(dev), norm=(e != L)) for e in order}
+    logits0 = torch.cat([first_logits[e] for e in order], dim=0)
+
+    # Expand the prompts' cache: block j keeps the rows whose exit is >= j+1.
+    layers = _cache_layers(pre.cache)
+    reps = [int((torch.tensor(order) >= j + 1).sum()) for j in range(L)]
+    for j, layer in enumerate(layers[:L]):
+        _map_layer(layer, lambda t, r=reps[j]: t.repeat(r, *([1] * (t.dim() - 1))) if r > 1 else t)
+    mask = attention_mask.repeat(len(order), 1)
+    last_pos = position_ids_from_mask(attention_mask)[:, -1].repeat(len(order))
+
+    n_rows = len(order) * P
+    out_tokens: list[list[int]] = [[] for _ in range(n_rows)]
+    finished = torch.zeros(n_rows, dtype=torch.bool)  # by original row
+    alive = torch.arange(n_rows)  # original row index of each current batch row
+    next_tok = _pick(logits0, dec, gen).cpu()
+    active = [int((row_exit >= j + 1).sum()) for j in range(L)]
+    ckw = cache_kwarg(model)
+    use_pos = _accepts(model, "position_ids")
+    steps = 0
+    with torch.inference_mode(), gated_blocks(adapter, active):
+        for t in range(dec.max_new_tokens):
+            for i, r in enumerate(alive.tolist()):
+                if not finished[r]:
+                    tok_i = int(next_tok[i])
+                    out_tokens[r].append(tok_i)
+                    if tok_i in eos:
+                        finished[r] = True
+            fin = finished[alive]
+            if t + 1 >= dec.max_new_tokens or bool(fin.all()):
+                break
+            # Finished rows ride along (their tokens are ignored) until enough of them gather to
+            # be worth dropping from the batch and from every layer's cache.
+            if int(fin.sum()) >= max(1.0, compact_fraction * len(alive)):
+                keep = (~fin).nonzero().squeeze(-1)
+                keep_dev = keep.to(dev)
+                for j, layer in enumerate(layers[:L]):
+                    sel = keep_dev[keep_dev < active[j]]
+                    _map_layer(layer, lambda x, s=sel: x.index_select(0, s))
+                alive, next_tok = alive[keep], next_tok[keep]
+                mask, last_pos = mask[keep_dev], last_pos[keep_dev]
+                active[:] = [int((row_exit[alive] >= j + 1).sum()) for j in range(L)]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            last_pos = last_pos + 1
+            kwargs: dict[str, Any] = {ckw: pre.cache}
+            if use_pos:
+                kwargs["position_ids"] = last_pos.unsqueeze(-1)
+            out = model(
+                input_ids=next_tok.to(dev).unsqueeze(-1),
+                attention_mask=mask,
+                use_cache=True,
+                logits_to_keep=1,
+                **kwargs,
+            )
+            steps += 1
+            next_tok = _pick(out.logits[:, -1].float(), dec, gen).cpu()
+    tokens: dict[int, list[list[int]]] = {e: [[] for _ in range(P)] for e in order}
+    for r in range(n_rows):
+        tokens[int(row_exit[r])][int(row_prompt[r])] = out_tokens[r]
+    return ExitGenerations(exits=exits_sorted, tokens=tokens, first_logits=first_logits, steps=steps)

