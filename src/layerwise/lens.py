@@ -124,7 +124,8 @@ def layer_stats(
             e = min(n, s + chunk)
             zf = adapter.logits(adapter.prepare(hidden[L][s:e], norm=False))  # (c, V)
             lse_f = zf.logsumexp(-1)
-            pf = (zf - lse_f.unsqueeze(-1)).exp()
+            pf = torch.softmax(zf, -1)
+            pf_zf = torch.einsum("nv,nv->n", pf, zf)
             top1_f = zf.argmax(-1)
             tgt = known = None
             if want_xent:
@@ -134,18 +135,19 @@ def layer_stats(
 
             def record(k: int, normed: bool, z: torch.Tensor, lse: torch.Tensor) -> None:
                 ent_key, xent_key = ("entropy", "xent") if normed else ("entropy_raw", "xent_raw")
-                p = (z - lse.unsqueeze(-1)).exp()
-                out[ent_key][k, s:e] = (lse - (p * z).sum(-1)).cpu()
+                p = pf if k == L else torch.softmax(z, -1)
+                out[ent_key][k, s:e] = (lse - torch.einsum("nv,nv->n", p, z)).cpu()
                 if tgt is not None:
                     x = lse - z.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
                     out[xent_key][k, s:e] = torch.where(known, x, torch.full_like(x, nan)).cpu()
                 if not normed:
                     return
-                kl = (pf * (zf - z)).sum(-1) - lse_f + lse
+                # KL(final || k) = Σ p_f (z_f - lse_f) - Σ p_f (z - lse)
+                kl = pf_zf - lse_f - torch.einsum("nv,nv->n", pf, z) + lse
                 out["kl_to_final"][k, s:e] = kl.cpu()
                 out["top1_agree"][k, s:e] = (z.argmax(-1) == top1_f).float().cpu()
                 ref = z.gather(-1, top1_f.unsqueeze(-1))
-                out["final_top1_rank"][k, s:e] = (z > ref).sum(-1).float().cpu()
+                out["final_top1_rank"][k, s:e] = torch.count_nonzero(z > ref, dim=-1).float().cpu()
                 if top_k:
                     vals, ids = z.topk(top_k, dim=-1)
                     topk_ids[k, s:e] = ids.cpu()

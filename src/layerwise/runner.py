@@ -1,0 +1,377 @@
+"""One evaluation run: model → per-layer records → the results JSON (a plain dict).
+
+``evaluate(RunConfig(...))`` is the whole pipeline without pytest: load the data (first, so a bad
+file fails before a model loads), load the model, run one forward over each batch of
+``prompt | reference`` sequences that yields the teacher-forced lens, the first-token lens and the
+prefill cache for decoding, then decode every exit layer together, score the generations, and
+assemble the dict described in docs/results-schema.md.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from .decoding import Decoding
+from .errors import ConfigError
+from .models import DEFAULT_MODEL, ModelBundle, Quantization
+from .results import SCHEMA, SCHEMA_VERSION
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class RunConfig:
+    model: str = DEFAULT_MODEL
+    dtype: str = "auto"
+    device: str = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    quantization: Quantization | None = None
+    device_map: str | dict[str, Any] | None = None
+    exit_layers: list[int] | None = None  # None: ceil(q·L/4), q = 1..4
+    prompts: str | None = None  # None: the packaged Alpaca-cleaned sample
+    limit: int | None = 20
+    prompt_format: str = "alpaca"
+    decoding: Decoding = field(default_factory=Decoding)
+    bertscore_model: str | None = "default"
+    teacher_forced_tokens: int = 32
+    lens_top_k: int = 10
+    examples: int = 3
+    batch_size: int = 20
+    raw_lens: bool = True
+
+    def validate(self) -> None:
+        self.decoding.validate()
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            raise ConfigError(f"limit must be a positive number of rows, got {self.limit!r}", "pass --limit 1 or more")
+        if self.teacher_forced_tokens < 1:
+            raise ConfigError("teacher_forced_tokens must be >= 1", "pass a positive number")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}", "pass a positive batch size")
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist, key in (("pytest-layerwise", "layerwise"), ("torch", "torch"), ("transformers", "transformers"),
+                      ("sacrebleu", "sacrebleu"), ("rouge-score", "rouge_score"), ("bert-score", "bert_score"),
+                      ("bitsandbytes", "bitsandbytes"), ("accelerate", "accelerate")):
+        try:
+            out[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    import torch
+
+    out["torch"] = torch.__version__
+    return out
+
+
+def _r(x: float, nd: int = 6) -> float | None:
+    x = float(x)
+    return None if math.isnan(x) else round(x, nd)
+
+
+def _summary(t: Any) -> dict[str, list[float | None]]:
+    """(L+1, N) tensor → per-layer mean / q25 / q75 over the positions (NaNs ignored)."""
+    import torch
+
+    rows = []
+    for layer in t:
+        v = layer[~torch.isnan(layer)]
+        rows.append(v)
+    def q(v: Any, p: float) -> float:
+        return float(torch.quantile(v, p)) if v.numel() else float("nan")
+    return {
+        "mean": [_r(v.mean()) if v.numel() else None for v in rows],
+        "q25": [_r(q(v, 0.25)) for v in rows],
+        "q75": [_r(q(v, 0.75)) for v in rows],
+    }
+
+
+def _lens_section(st: Any, sel: Any) -> dict[str, Any]:
+    """Per-layer summaries of a LayerStats restricted to the positions ``sel``."""
+    import torch
+
+    def sub(x: Any) -> Any:
+        return None if x is None else x[:, sel]
+
+    rank = sub(st.final_top1_rank)
+    out: dict[str, Any] = {
+        "entropy": _summary(sub(st.entropy)),
+        "kl_to_final": _summary(sub(st.kl_to_final)),
+        "top1_agree": [_r(v) for v in sub(st.top1_agree).mean(1).tolist()],
+        "final_top1_rank": {"mean": [_r(v) for v in rank.mean(1).tolist()],
+                            "median": [_r(v) for v in rank.median(1).values.tolist()]},
+    }
+    if st.entropy_raw is not None:
+        out["entropy_raw"] = _summary(sub(st.entropy_raw))
+    if st.xent is not None:
+        out["xent"] = _summary(sub(st.xent))
+    if st.xent_raw is not None:
+        out["xent_raw"] = _summary(sub(st.xent_raw))
+    del torch
+    return out
+
+
+def _token_text(tokenizer: Any, tid: int) -> str:
+    try:
+        return tokenizer.decode([tid])
+    except Exception:  # noqa: BLE001 - a display string only
+        return str(tokenizer.convert_ids_to_tokens(tid))
+
+
+def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | None = None) -> dict[str, Any]:
+    """Run the whole evaluation and return the results dict (not yet written anywhere)."""
+    import torch
+
+    from .data import default_prompts_path, file_sha256, format_prompt, load_examples
+    from .decoding import Prefill, default_exits, generate_exits, validate_exits
+    from .lens import capture_hidden, layer_stats, position_ids_from_mask
+    from .metrics import Scorer
+
+    say = log or (lambda _msg: None)
+    config.validate()
+    started = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    t_start = time.perf_counter()
+    timing: dict[str, Any] = {"started": started}
+
+    data_path = Path(config.prompts) if config.prompts else default_prompts_path()
+    examples = load_examples(data_path, config.limit)
+    scorer = Scorer(bertscore_model=config.bertscore_model)
+
+    t0 = time.perf_counter()
+    if bundle is None:
+        from .models import load_model
+
+        say(f"loading model {config.model} …")
+        bundle = load_model(
+            config.model, dtype=config.dtype, device=config.device, revision=config.revision,
+            trust_remote_code=config.trust_remote_code, quantization=config.quantization,
+            device_map=config.device_map,
+        )
+    timing["load_s"] = round(time.perf_counter() - t0, 3)
+    model, tok, adapter = bundle.model, bundle.tokenizer, bundle.adapter
+    L = adapter.num_layers
+    exits = validate_exits(config.exit_layers, L) if config.exit_layers is not None else default_exits(L)
+    dec = config.decoding
+    N = config.teacher_forced_tokens
+    dev = next(model.parameters()).device
+
+    prompts = [format_prompt(ex, config.prompt_format, tok) for ex in examples]
+    special = config.prompt_format != "chat"
+    prompt_ids = [tok.encode(p, add_special_tokens=special) for p in prompts]
+    ref_ids = [tok.encode(ex.reference, add_special_tokens=False)[:N] for ex in examples]
+    ctx = _context_length(model)
+    for ex, ids in zip(examples, prompt_ids):
+        if ctx is not None and len(ids) + max(dec.max_new_tokens, N) > ctx:
+            raise ConfigError(
+                f"row {ex.index} of {data_path}: its prompt is {len(ids)} tokens; with {max(dec.max_new_tokens, N)} "
+                f"more it exceeds the model's context of {ctx} tokens (layerwise refuses rather than cut the prompt)",
+                "shorten or drop that row, or lower --max-new-tokens",
+            )
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    gen_tokens: dict[int, list[list[int]]] = {e: [] for e in exits}
+    all_stats: list[Any] = []
+    first_stats: list[Any] = []
+    grid_stats = grid_inputs = None
+    lens_s = gen_s = 0.0
+    for b0 in range(0, len(examples), config.batch_size):
+        rows = range(b0, min(len(examples), b0 + config.batch_size))
+        say(f"lens forward: rows {rows.start + 1}–{rows.stop} of {len(examples)} ({L + 1} layers) …")
+        t1 = time.perf_counter()
+        S = max(len(prompt_ids[i]) for i in rows)
+        R = max(max(len(ref_ids[i]) for i in rows), 1)
+        seq = torch.full((len(rows), S + R), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), S + R), dtype=torch.long)
+        targets = torch.full((len(rows), R), -100, dtype=torch.long)
+        valid = torch.zeros((len(rows), R), dtype=torch.bool)
+        for j, i in enumerate(rows):
+            p, r = prompt_ids[i], ref_ids[i]
+            seq[j, S - len(p) : S] = torch.tensor(p)
+            mask[j, S - len(p) : S] = 1
+            if r:
+                seq[j, S : S + len(r)] = torch.tensor(r)
+                mask[j, S : S + len(r)] = 1
+                targets[j, : len(r)] = torch.tensor(r)
+            valid[j, : max(1, len(r))] = True
+        seq, mask = seq.to(dev), mask.to(dev)
+        from transformers import DynamicCache
+
+        from .decoding import _accepts
+        from .lens import cache_kwarg
+
+        cache = DynamicCache(config=model.config)
+        kwargs: dict[str, Any] = {cache_kwarg(adapter.decoder): cache}
+        if _accepts(adapter.decoder, "position_ids"):
+            kwargs["position_ids"] = position_ids_from_mask(mask)
+        window = slice(S - 1, S - 1 + R)
+        with torch.inference_mode(), capture_hidden(adapter, select=window) as store:
+            out = adapter.decoder(input_ids=seq, attention_mask=mask, use_cache=True, **kwargs)
+        store[L] = out.last_hidden_state[:, window]
+        del out
+        flat = {k: v[valid.to(v.device)] for k, v in store.items()}
+        # Teacher-forced statistics at every reference position; the costlier extras (top-k
+        # lists, the raw no-norm lens) only at each row's first response position.
+        st = layer_stats(adapter, flat, targets[valid])
+        counts = valid.sum(1).tolist()
+        starts = torch.tensor([sum(counts[:j]) for j in range(len(counts))])
+        first_hidden = {k: v[starts.to(v.device)] for k, v in flat.items()}
+        st_first = layer_stats(adapter, first_hidden, targets[valid][starts], top_k=config.lens_top_k, raw=config.raw_lens)
+        all_stats.append(st)
+        first_stats.append(st_first)
+        if b0 == 0 and config.lens_top_k:
+            n_grid = min(16, counts[0])
+            grid_hidden = {k: v[:n_grid] for k, v in flat.items()}
+            grid_stats = layer_stats(adapter, grid_hidden, None, top_k=1)
+            grid_inputs = [prompt_ids[0][-1]] + ref_ids[0][: n_grid - 1]
+        lens_s += time.perf_counter() - t1
+
+        say(f"early-exit decoding: {len(exits)} exits × {len(rows)} rows, up to {dec.max_new_tokens} tokens …")
+        t2 = time.perf_counter()
+        cache.crop(-R)  # keep the prompts' part: the prefill for decoding
+        pre = Prefill(cache=cache, mask=mask[:, :S], last_hidden={k: store[k][:, 0] for k in exits})
+        del store, flat
+        g = generate_exits(bundle, seq[:, :S], mask[:, :S], exits, dec, prefilled=pre)
+        for e in exits:
+            gen_tokens[e].extend(g.tokens[e])
+        gen_s += time.perf_counter() - t2
+    timing["lens_s"] = round(lens_s, 3)
+    timing["generate_s"] = round(gen_s, 3)
+
+    # Merge the batches' statistics.
+    st_all = _concat_stats(all_stats)
+    st_first = _concat_stats(first_stats)
+    first = _lens_section(st_first, slice(None))
+    first["rows"] = len(examples)
+    teacher = _lens_section(st_all, slice(None))
+    teacher["positions"] = int(st_all.entropy.shape[1])
+
+    lens: dict[str, Any] = {"first_token": first, "teacher_forced": teacher}
+    if st_first.topk_ids is not None:
+        lens["examples"] = [
+            {"row": examples[i].index, "top": {
+                str(k): [{"token": _token_text(tok, int(tid)), "id": int(tid), "prob": _r(p)}
+                         for tid, p in zip(st_first.topk_ids[k, i].tolist(), st_first.topk_probs[k, i].tolist())]
+                for k in exits}}
+            for i in range(min(config.examples, len(examples)))
+        ]
+    if grid_stats is not None:
+        n_grid = len(grid_inputs)
+        lens["grid"] = {
+            "row": examples[0].index,
+            "positions": [_token_text(tok, t) for t in grid_inputs],
+            "layers": list(range(L + 1)),
+            "top_token": [[_token_text(tok, int(grid_stats.topk_ids[k, p, 0])) for p in range(n_grid)] for k in range(L + 1)],
+            "top_prob": [[_r(grid_stats.topk_probs[k, p, 0], 4) for p in range(n_grid)] for k in range(L + 1)],
+        }
+
+    # Score the generations of each exit layer.
+    t3 = time.perf_counter()
+    say(f"scoring {len(exits)} exits × {len(examples)} rows (BLEU, ROUGE-L{', BERTScore' if config.bertscore_model else ''}) …")
+    eos = _eos(bundle)
+    texts = {e: [tok.decode([t for t in ids if t not in eos], skip_special_tokens=True).strip() for ids in gen_tokens[e]] for e in exits}
+    refs = [ex.reference for ex in examples]
+    exit_rows = []
+    scores = {}
+    for e in exits:
+        s = scorer.score(texts[e], refs)
+        scores[e] = s
+        lens_n = [len([t for t in ids if t not in eos]) for ids in gen_tokens[e]]
+        exit_rows.append({
+            "layer": e,
+            "bleu": _r(s["bleu"], 4),
+            "rougeL": _r(s["rougeL"]),
+            "rougeLsum": _r(s["rougeLsum"]),
+            "bertscore_p": _opt(s.get("bertscore_p")),
+            "bertscore_r": _opt(s.get("bertscore_r")),
+            "bertscore_f1": _opt(s.get("bertscore_f1")),
+            "mean_len": _r(sum(lens_n) / len(lens_n), 4),
+            "empty": int(s["empty"]),
+            "first_entropy": first["entropy"]["mean"][e],
+        })
+    timing["metrics_s"] = round(time.perf_counter() - t3, 3)
+
+    row_objs = []
+    for i, ex in enumerate(examples):
+        row_objs.append({
+            "index": ex.index, "instruction": ex.instruction, "input": ex.input, "reference": ex.reference,
+            "prompt": prompts[i],
+            "generations": {str(e): texts[e][i] for e in exits},
+            "n_tokens": {str(e): len([t for t in gen_tokens[e][i] if t not in eos]) for e in exits},
+            "scores": {str(e): {"bleu": _r(scores[e]["rows"][i]["bleu"], 4), "rougeL": _r(scores[e]["rows"][i]["rougeL"]),
+                                "bertscore_f1": _opt(scores[e]["rows"][i].get("bertscore_f1"))} for e in exits},
+        })
+
+    info = {k: v for k, v in bundle.info.items() if k != "load_s"}
+    timing["total_s"] = round(time.perf_counter() - t_start, 3)
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "run": {
+            "model": info,
+            "data": {"path": _display_path(data_path), "sha256": file_sha256(data_path), "rows": len(examples),
+                     "limit": config.limit, "prompt_format": config.prompt_format},
+            "decoding": dec.describe(),
+            "exit_layers": exits,
+            "lens": {"final_norm": True, "teacher_forced_tokens": N, "top_k": config.lens_top_k},
+            "metrics": scorer.describe(),
+            "versions": _versions(),
+        },
+        "layers": list(range(L + 1)),
+        "lens": lens,
+        "exits": exit_rows,
+        "rows": row_objs,
+        "tests": [],
+        "timing": timing,
+    }
+
+
+def _opt(x: Any) -> float | None:
+    return None if x is None else _r(x)
+
+
+def _eos(bundle: ModelBundle) -> set[int]:
+    from .decoding import eos_ids
+
+    return eos_ids(bundle)
+
+
+def _display_path(p: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        from .data import default_prompts_path
+
+        if p.resolve() == Path(default_prompts_path()).resolve():
+            return "layerwise.fixtures/alpaca_cleaned_sample.jsonl"
+        return str(p)
+
+
+def _context_length(model: Any) -> int | None:
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _concat_stats(parts: list[Any]) -> Any:
+    import torch
+
+    from .lens import LayerStats
+
+    if len(parts) == 1:
+        return parts[0]
+    fields = {}
+    for name in ("entropy", "kl_to_final", "top1_agree", "final_top1_rank", "xent", "entropy_raw", "xent_raw", "topk_ids", "topk_probs"):
+        vals = [getattr(p, name) for p in parts]
+        fields[name] = None if vals[0] is None else torch.cat(vals, dim=1)
+    return LayerStats(**fields)
