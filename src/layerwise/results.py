@@ -1,0 +1,44 @@
+"""The results JSON: its schema constants, reading and validation (writing lives with the runner)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import ResultsError
+
+SCHEMA = "pytest-layerwise/results"
+SCHEMA_VERSION = 1
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read a results JSON written by layerwise, or raise a one-line :class:`ResultsError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ResultsError(f"results file {p} does not exist", "pass the path that --results-json wrote")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ResultsError(f"results file {p} is not UTF-8 text", "pass a results JSON written by layerwise") from None
+    except json.JSONDecodeError as exc:
+        raise ResultsError(
+            f"results file {p} is not valid JSON (line {exc.lineno}: {exc.msg})",
+            "re-run to write it again; layerwise never leaves half-written files, so it was changed by hand or by another tool",
+        ) from None
+    validate_results(data, str(p))
+    return data
+
+
+def validate_results(data: Any, where: str = "results") -> None:
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise ResultsError(f"{where} is not a layerwise results file (no \"schema\": \"{SCHEMA}\")",
+                           "pass a file written by --results-json or `layerwise run`")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise ResultsError(
+            f"{where} has schema version {data.get('schema_version')!r}; this layerwise reads version {SCHEMA_VERSION}",
+            "re-run the suite with this version of pytest-layerwise to write it again",
+        )
+    for key in ("run", "layers", "lens", "exits", "rows"):
+        if key not in data:
+            raise ResultsError(f"{where} lacks the section {key!r}", "re-run to write a complete results file")
