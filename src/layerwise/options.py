@@ -66,7 +66,7 @@ OPTIONS: tuple[Option, ...] = (
            "of the layers must be ≤ this", -0.5, "float"),
     Option("final-entropy-max", "mean teacher-forced entropy at layer L must be ≤ this fraction of ln(V)",
            0.5, "float"),
-    Option("kl-trend-max", "Spearman ρ(depth, KL to final) must be ≤ this", -0.8, "float"),
+    Option("kl-trend-max", "Spearman ρ(depth, KL to final) over the last third of the layers must be ≤ this", -0.8, "float"),
     Option("agreement-trend-min", "Spearman ρ(depth, top-1 agreement with final) must be ≥ this", 0.8, "float"),
     Option("min-rouge-gain", "the final exit's ROUGE-L must beat every earlier exit's by this much", 0.05, "float"),
     Option("min-bleu-gain", "the final exit's BLEU must beat every earlier exit's by this many points", 1.0, "float"),
