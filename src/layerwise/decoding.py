@@ -68,6 +68,9 @@ class ExitGenerations:
     tokens: dict[int, list[list[int]]]  # exit -> per prompt, generated ids (EOS included if produced)
     first_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # exit -> (P, V) float32
     steps: int = 0
+    # exit -> per prompt, entropy (nats) of the exit's own next-token distribution at each
+    # generated position: lens statistics of the generated sequence, from the same pass
+    entropies: dict[int, list[list[float]]] = field(default_factory=dict)
 
 
 def validate_exits(exits: Sequence[Any], num_layers: int) -> list[int]:
@@ -209,6 +212,11 @@ def _pick(logits: torch.Tensor, dec: Decoding, gen: torch.Generator | None) -> t
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    z = logits.float()
+    return z.logsumexp(-1) - torch.einsum("nv,nv->n", torch.softmax(z, -1), z)
+
+
 def generate_exits(
     bundle: Any,
     input_ids: torch.Tensor,
@@ -257,9 +265,11 @@ def generate_exits(
 
     n_rows = len(order) * P
     out_tokens: list[list[int]] = [[] for _ in range(n_rows)]
+    out_entropy: list[list[float]] = [[] for _ in range(n_rows)]
     finished = torch.zeros(n_rows, dtype=torch.bool)  # by original row
     alive = torch.arange(n_rows)  # original row index of each current batch row
     next_tok = _pick(logits0, dec, gen).cpu()
+    ent = _entropy(logits0).cpu()
     active = [int((row_exit >= j + 1).sum()) for j in range(L)]
     ckw = cache_kwarg(model)
     use_pos = _accepts(model, "position_ids")
@@ -270,6 +280,7 @@ def generate_exits(
                 if not finished[r]:
                     tok_i = int(next_tok[i])
                     out_tokens[r].append(tok_i)
+                    out_entropy[r].append(round(float(ent[i]), 6))
                     if tok_i in eos:
                         finished[r] = True
             fin = finished[alive]
@@ -283,7 +294,7 @@ def generate_exits(
                 for j, layer in enumerate(layers[:L]):
                     sel = keep_dev[keep_dev < active[j]]
                     _map_layer(layer, lambda x, s=sel: x.index_select(0, s))
-                alive, next_tok = alive[keep], next_tok[keep]
+                alive, next_tok, ent = alive[keep], next_tok[keep], ent[keep]
                 mask, last_pos = mask[keep_dev], last_pos[keep_dev]
                 active[:] = [int((row_exit[alive] >= j + 1).sum()) for j in range(L)]
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
@@ -299,8 +310,13 @@ def generate_exits(
                 **kwargs,
             )
             steps += 1
-            next_tok = _pick(out.logits[:, -1].float(), dec, gen).cpu()
+            step_logits = out.logits[:, -1].float()
+            next_tok = _pick(step_logits, dec, gen).cpu()
+            ent = _entropy(step_logits).cpu()
     tokens: dict[int, list[list[int]]] = {e: [[] for _ in range(P)] for e in order}
+    entropies: dict[int, list[list[float]]] = {e: [[] for _ in range(P)] for e in order}
     for r in range(n_rows):
         tokens[int(row_exit[r])][int(row_prompt[r])] = out_tokens[r]
-    return ExitGenerations(exits=exits_sorted, tokens=tokens, first_logits=first_logits, steps=steps)
+        entropies[int(row_exit[r])][int(row_prompt[r])] = out_entropy[r]
+    return ExitGenerations(exits=exits_sorted, tokens=tokens, first_logits=first_logits, steps=steps,
+                           entropies=entropies)

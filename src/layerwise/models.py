@@ -261,7 +261,6 @@ def load_model(
     dev = _pick_device(device)
     torch_dtype = _torch_dtype(dtype, dev)
 
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 

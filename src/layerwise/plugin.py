@@ -6,7 +6,7 @@ Nothing heavy is imported here: torch and transformers load on first use of a fi
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 

@@ -126,65 +126,44 @@ def _token_text(tokenizer: Any, tid: int) -> str:
         return str(tokenizer.convert_ids_to_tokens(tid))
 
 
-def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | None = None) -> dict[str, Any]:
-    """Run the whole evaluation and return the results dict (not yet written anywhere)."""
+@dataclass
+class Sweep:
+    """What one pass over the prompts gives: lens statistics and early-exit generations."""
+
+    stats: Any  # LayerStats over every teacher-forced position
+    first_stats: Any  # LayerStats at each row's first response position (top-k, raw lens)
+    grid_stats: Any
+    grid_inputs: list[int] | None
+    tokens: dict[int, list[list[int]]]
+    entropies: dict[int, list[list[float]]]
+    lens_s: float
+    gen_s: float
+
+
+def run_sweep(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[list[int]], exits: list[int],
+              config: RunConfig, say: Log = lambda _m: None) -> Sweep:
+    """For each batch of rows: one forward over ``prompt | reference`` (teacher-forced lens,
+    first-token lens, and the prompts' KV cache), then all exits decoded together from that cache."""
     import torch
 
-    from .data import default_prompts_path, file_sha256, format_prompt, load_examples
-    from .decoding import Prefill, default_exits, generate_exits, validate_exits
+    from .decoding import Prefill, generate_exits
     from .lens import capture_hidden, layer_stats, position_ids_from_mask
-    from .metrics import Scorer
 
-    say = log or (lambda _msg: None)
-    config.validate()
-    started = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-    t_start = time.perf_counter()
-    timing: dict[str, Any] = {"started": started}
-
-    data_path = Path(config.prompts) if config.prompts else default_prompts_path()
-    examples = load_examples(data_path, config.limit)
-    scorer = Scorer(bertscore_model=config.bertscore_model)
-
-    t0 = time.perf_counter()
-    if bundle is None:
-        from .models import load_model
-
-        say(f"loading model {config.model} …")
-        bundle = load_model(
-            config.model, dtype=config.dtype, device=config.device, revision=config.revision,
-            trust_remote_code=config.trust_remote_code, quantization=config.quantization,
-            device_map=config.device_map,
-        )
-    timing["load_s"] = round(time.perf_counter() - t0, 3)
     model, tok, adapter = bundle.model, bundle.tokenizer, bundle.adapter
     L = adapter.num_layers
-    exits = validate_exits(config.exit_layers, L) if config.exit_layers is not None else default_exits(L)
     dec = config.decoding
-    N = config.teacher_forced_tokens
     dev = next(model.parameters()).device
-
-    prompts = [format_prompt(ex, config.prompt_format, tok) for ex in examples]
-    special = config.prompt_format != "chat"
-    prompt_ids = [tok.encode(p, add_special_tokens=special) for p in prompts]
-    ref_ids = [tok.encode(ex.reference, add_special_tokens=False)[:N] for ex in examples]
-    ctx = _context_length(model)
-    for ex, ids in zip(examples, prompt_ids):
-        if ctx is not None and len(ids) + max(dec.max_new_tokens, N) > ctx:
-            raise ConfigError(
-                f"row {ex.index} of {data_path}: its prompt is {len(ids)} tokens; with {max(dec.max_new_tokens, N)} "
-                f"more it exceeds the model's context of {ctx} tokens (layerwise refuses rather than cut the prompt)",
-                "shorten or drop that row, or lower --max-new-tokens",
-            )
-
+    n_rows = len(prompt_ids)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     gen_tokens: dict[int, list[list[int]]] = {e: [] for e in exits}
+    gen_entropy: dict[int, list[list[float]]] = {e: [] for e in exits}
     all_stats: list[Any] = []
     first_stats: list[Any] = []
     grid_stats = grid_inputs = None
     lens_s = gen_s = 0.0
-    for b0 in range(0, len(examples), config.batch_size):
-        rows = range(b0, min(len(examples), b0 + config.batch_size))
-        say(f"lens forward: rows {rows.start + 1}–{rows.stop} of {len(examples)} ({L + 1} layers) …")
+    for b0 in range(0, n_rows, config.batch_size):
+        rows = range(b0, min(n_rows, b0 + config.batch_size))
+        say(f"lens forward: rows {rows.start + 1}–{rows.stop} of {n_rows} ({L + 1} layers) …")
         t1 = time.perf_counter()
         S = max(len(prompt_ids[i]) for i in rows)
         R = max(max(len(ref_ids[i]) for i in rows), 1)
@@ -241,13 +220,67 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
         g = generate_exits(bundle, seq[:, :S], mask[:, :S], exits, dec, prefilled=pre)
         for e in exits:
             gen_tokens[e].extend(g.tokens[e])
+            gen_entropy[e].extend(g.entropies[e])
         gen_s += time.perf_counter() - t2
-    timing["lens_s"] = round(lens_s, 3)
-    timing["generate_s"] = round(gen_s, 3)
+
+    return Sweep(stats=_concat_stats(all_stats), first_stats=_concat_stats(first_stats), grid_stats=grid_stats,
+                 grid_inputs=grid_inputs, tokens=gen_tokens, entropies=gen_entropy, lens_s=lens_s, gen_s=gen_s)
+
+
+def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | None = None) -> dict[str, Any]:
+    """Run the whole evaluation and return the results dict (not yet written anywhere)."""
+
+    from .data import default_prompts_path, file_sha256, format_prompt, load_examples
+    from .decoding import default_exits, validate_exits
+    from .metrics import Scorer
+
+    say = log or (lambda _msg: None)
+    config.validate()
+    started = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    t_start = time.perf_counter()
+    timing: dict[str, Any] = {"started": started}
+
+    data_path = Path(config.prompts) if config.prompts else default_prompts_path()
+    examples = load_examples(data_path, config.limit)
+    scorer = Scorer(bertscore_model=config.bertscore_model)
+
+    t0 = time.perf_counter()
+    if bundle is None:
+        from .models import load_model
+
+        say(f"loading model {config.model} …")
+        bundle = load_model(
+            config.model, dtype=config.dtype, device=config.device, revision=config.revision,
+            trust_remote_code=config.trust_remote_code, quantization=config.quantization,
+            device_map=config.device_map,
+        )
+    timing["load_s"] = round(time.perf_counter() - t0, 3)
+    model, tok, adapter = bundle.model, bundle.tokenizer, bundle.adapter
+    L = adapter.num_layers
+    exits = validate_exits(config.exit_layers, L) if config.exit_layers is not None else default_exits(L)
+    dec = config.decoding
+    N = config.teacher_forced_tokens
+
+    prompts = [format_prompt(ex, config.prompt_format, tok) for ex in examples]
+    special = config.prompt_format != "chat"
+    prompt_ids = [tok.encode(p, add_special_tokens=special) for p in prompts]
+    ref_ids = [tok.encode(ex.reference, add_special_tokens=False)[:N] for ex in examples]
+    ctx = _context_length(model)
+    for ex, ids in zip(examples, prompt_ids):
+        if ctx is not None and len(ids) + max(dec.max_new_tokens, N) > ctx:
+            raise ConfigError(
+                f"row {ex.index} of {data_path}: its prompt is {len(ids)} tokens; with {max(dec.max_new_tokens, N)} "
+                f"more it exceeds the model's context of {ctx} tokens (layerwise refuses rather than cut the prompt)",
+                "shorten or drop that row, or lower --max-new-tokens",
+            )
+
+    sw = run_sweep(bundle, prompt_ids, ref_ids, exits, config, say)
+    gen_tokens, grid_stats, grid_inputs = sw.tokens, sw.grid_stats, sw.grid_inputs
+    timing["lens_s"] = round(sw.lens_s, 3)
+    timing["generate_s"] = round(sw.gen_s, 3)
 
     # Merge the batches' statistics.
-    st_all = _concat_stats(all_stats)
-    st_first = _concat_stats(first_stats)
+    st_all, st_first = sw.stats, sw.first_stats
     first = _lens_section(st_first, slice(None))
     first["rows"] = len(examples)
     teacher = _lens_section(st_all, slice(None))
@@ -274,7 +307,7 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
 
     # Score the generations of each exit layer.
     t3 = time.perf_counter()
-    say(f"scoring {len(exits)} exits × {len(examples)} rows (BLEU, ROUGE-L{', BERTScore' if config.bertscore_model else ''}) …")
+    say(f"scoring {len(exits)} exits × {len(examples)} rows (BLEU, ROUGE-L{', BERTScore' if scorer.bertscore_enabled else ''}) …")
     eos = _eos(bundle)
     texts = {e: [tok.decode([t for t in ids if t not in eos], skip_special_tokens=True).strip() for ids in gen_tokens[e]] for e in exits}
     refs = [ex.reference for ex in examples]
@@ -295,6 +328,7 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
             "mean_len": _r(sum(lens_n) / len(lens_n), 4),
             "empty": int(s["empty"]),
             "first_entropy": first["entropy"]["mean"][e],
+            "gen_entropy": _r(_mean_nested(sw.entropies[e])),
         })
     timing["metrics_s"] = round(time.perf_counter() - t3, 3)
 
@@ -331,6 +365,11 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
         "tests": [],
         "timing": timing,
     }
+
+
+def _mean_nested(rows: list[list[float]]) -> float:
+    vals = [v for r in rows for v in r]
+    return sum(vals) / len(vals) if vals else float("nan")
 
 
 def _opt(x: Any) -> float | None:
