@@ -1,0 +1,272 @@
+"""Benchmark: all exit layers in one pass vs plain generate, per-exit truncated generate, and the
+original notebook's method. Prints every time and ratio measured in this one run.
+
+    python bench/sweep.py                       # default model, CPU, 20 rows, default exits, 64 tokens
+    python bench/sweep.py --device cuda --reps 3
+    python bench/sweep.py --rows 4 --tokens 16  # quick
+
+Each time is the median of --reps repetitions (the naive method: one repetition on a subset,
+scaled up to the full workload, and labelled as such). Peak RSS of the sweep is measured in a
+fresh child process, so the other methods' allocations do not count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+
+def _prompts(bundle: Any, rows: int, fmt: str) -> tuple[list[list[int]], list[list[int]]]:
+    from layerwise.data import default_prompts_path, format_prompt, load_examples
+
+    ex = load_examples(default_prompts_path(), rows)
+    tok = bundle.tokenizer
+    prompt_ids = [tok.encode(format_prompt(e, fmt, tok)) for e in ex]
+    ref_ids = [tok.encode(e.reference, add_special_tokens=False) for e in ex]
+    return prompt_ids, ref_ids
+
+
+def _batch(bundle: Any, prompt_ids: list[list[int]]) -> tuple[Any, Any]:
+    import torch
+
+    pad = bundle.tokenizer.pad_token_id or 0
+    S = max(map(len, prompt_ids))
+    ids = torch.full((len(prompt_ids), S), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompt_ids):
+        ids[i, S - len(p):] = torch.tensor(p)
+        mask[i, S - len(p):] = 1
+    dev = next(bundle.model.parameters()).device
+    return ids.to(dev), mask.to(dev)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _median_time(fn: Callable[[], Any], reps: int, device: str) -> float:
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _truncated(model: Any, adapter: Any, k: int) -> Any:
+    """A shallow copy of the model whose block list is cut to k (weights shared, not copied)."""
+    import torch
+
+    from layerwise.archs import _resolve
+
+    parent_path, _, attr = adapter.spec.blocks.rpartition(".")
+    ref = copy.copy(model)
+    # copy every module on the path so the original keeps its blocks
+    node_orig, node_copy = model, ref
+    parts = parent_path.split(".")
+    for part in parts:
+        child = copy.copy(getattr(node_orig, part))
+        child._modules = dict(child._modules)
+        node_copy._modules = dict(node_copy._modules)
+        node_copy._modules[part] = child
+        node_orig, node_copy = getattr(node_orig, part), child
+    node_copy._modules[attr] = torch.nn.ModuleList(list(_resolve(model, adapter.spec.blocks))[:k])
+    cfg = copy.deepcopy(model.config)
+    cfg.num_hidden_layers = k
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[:k]
+    ref.config = cfg
+    for part_obj in [ref] + [_resolve(ref, ".".join(parts[: i + 1])) for i in range(len(parts))]:
+        if hasattr(part_obj, "config"):
+            part_obj.config = cfg
+    return ref
+
+
+def _naive_generate(bundle: Any, prompt: list[int], k: int, tokens: int) -> list[int]:
+    """The notebook's method: a full forward with hidden states over the whole sequence, no
+    cache, for every new token; the next token from layer k's hidden state (with the final norm
+    here, so the output is comparable — the cost is the same either way)."""
+    import torch
+
+    model, adapter = bundle.model, bundle.adapter
+    L = adapter.num_layers
+    dev = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=dev)
+    out = []
+    with torch.inference_mode():
+        for _ in range(tokens):
+            hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+            h = hs[k][:, -1]
+            logits = adapter.unembed(h, norm=(k != L))
+            nxt = int(logits.argmax(-1))
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]], device=dev)], dim=1)
+    return out
+
+
+def measure_sweep_rss(args: argparse.Namespace) -> dict[str, Any]:
+    """Child process: load, then run the sweep once; report peak RSS before and after."""
+    import torch
+
+    from layerwise.decoding import Decoding, default_exits
+    from layerwise.models import load_model
+    from layerwise.runner import RunConfig, run_sweep
+
+    bundle = load_model(args.model, device=args.device, dtype=args.dtype)
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    prompt_ids, ref_ids = _prompts(bundle, args.rows, args.prompt_format)
+    exits = args.exits or default_exits(bundle.num_layers)
+    cfg = RunConfig(decoding=Decoding(max_new_tokens=args.tokens), teacher_forced_tokens=args.tf_tokens)
+    run_sweep(bundle, prompt_ids, [r[: args.tf_tokens] for r in ref_ids], exits, cfg)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gpu_peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
+    return {"rss_after_load": rss_loaded, "rss_peak": peak, "weight_bytes": bundle.info["weight_bytes"],
+            "gpu_peak": gpu_peak}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--rows", type=int, default=20)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--tf-tokens", type=int, default=32, help="teacher-forced reference tokens for the lens")
+    ap.add_argument("--exits", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    ap.add_argument("--prompt-format", default="alpaca")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--naive-rows", type=int, default=2, help="rows the naive method runs on (scaled up)")
+    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--json", help="also write the numbers here")
+    ap.add_argument("--_rss-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args._rss_child:
+        print(json.dumps(measure_sweep_rss(args)))
+        return 0
+
+    import torch
+
+    from layerwise.decoding import Decoding, default_exits, generate_exits
+    from layerwise.models import load_model
+    from layerwise.runner import RunConfig, run_sweep
+
+    bundle = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, adapter = bundle.model, bundle.adapter
+    L = adapter.num_layers
+    exits = args.exits or default_exits(L)
+    prompt_ids, ref_ids = _prompts(bundle, args.rows, args.prompt_format)
+    ids, mask = _batch(bundle, prompt_ids)
+    n = args.tokens
+    print(f"model {bundle.info['name']} ({L} blocks, {bundle.info['dtype']}, {args.device}), {args.rows} rows, "
+          f"exits {exits}, {n} new tokens, greedy, torch threads {torch.get_num_threads()}, reps {args.reps}")
+
+    gen_kwargs = dict(do_sample=False, max_new_tokens=n, pad_token_id=bundle.tokenizer.pad_token_id)
+
+    def plain() -> Any:
+        with torch.inference_mode():
+            return model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+
+    truncs = {k: (_truncated(model, adapter, k) if k < L else model) for k in exits}
+
+    def trunc() -> Any:
+        with torch.inference_mode():
+            return [truncs[k].generate(input_ids=ids, attention_mask=mask, **gen_kwargs) for k in exits]
+
+    cfg = RunConfig(decoding=Decoding(max_new_tokens=n), teacher_forced_tokens=args.tf_tokens)
+    refs = [r[: args.tf_tokens] for r in ref_ids]
+    last: dict[str, Any] = {}
+
+    def sweep() -> Any:
+        sw = run_sweep(bundle, prompt_ids, refs, exits, cfg)
+        last["sweep"] = sw
+        return sw
+
+    def sweep_gen_only() -> Any:
+        return generate_exits(bundle, ids, mask, exits, Decoding(max_new_tokens=n))
+
+    plain()  # warm-up
+    t_plain = _median_time(plain, args.reps, args.device)
+    print(f"T_plain  {t_plain:8.2f} s   plain generate, all {L} blocks")
+    t_trunc = _median_time(trunc, args.reps, args.device)
+    print(f"T_trunc  {t_trunc:8.2f} s   HF generate once per exit on a truncated model")
+    t_sweep = _median_time(sweep, args.reps, args.device)
+    sw = last["sweep"]
+    print(f"T_sweep  {t_sweep:8.2f} s   our sweep: lens {sw.lens_s:.2f} s (teacher-forced, all {L + 1} layers) "
+          f"+ generation {sw.gen_s:.2f} s (all exits, per-step entropy)")
+    t_gen = _median_time(sweep_gen_only, args.reps, args.device)
+    print(f"T_gen    {t_gen:8.2f} s   our multi-exit generation alone (prefill once + gated decode)")
+
+    # Equal tokens: our sweep vs the truncated reference (a correctness spot check).
+    ref_out = trunc()
+    agree = 0
+    total = 0
+    for j, k in enumerate(exits):
+        for p in range(len(prompt_ids)):
+            ours = sw.tokens[k][p]
+            theirs = ref_out[j][p, ids.shape[1]:].tolist()[: len(ours)]
+            total += 1
+            agree += ours == theirs
+    print(f"tokens equal to the truncated reference: {agree}/{total} (exit, row) pairs")
+
+    t_naive = None
+    if not args.skip_naive:
+        rows = min(args.naive_rows, len(prompt_ids))
+        t0 = time.perf_counter()
+        for p in prompt_ids[:rows]:
+            for k in exits:
+                _naive_generate(bundle, p, k, n)
+        _sync(args.device)
+        t_naive = (time.perf_counter() - t0) * len(prompt_ids) / rows
+        print(f"T_naive  {t_naive:8.2f} s   the notebook's method (no cache, full forward per token): "
+              f"measured on {rows} rows, scaled ×{len(prompt_ids) / rows:g}")
+
+    frac = sum(exits) / L
+    ratio_ideal = t_sweep / (t_plain * frac)
+    ratio_ideal_gen = t_gen / (t_plain * frac)
+    print(f"Σk/L = {frac:.3f}")
+    print(f"ratio_ideal     = T_sweep / (T_plain × Σk/L) = {ratio_ideal:.3f}   (target ≤ 0.8)")
+    print(f"ratio_ideal_gen = T_gen   / (T_plain × Σk/L) = {ratio_ideal_gen:.3f}   (generation alone)")
+    print(f"speedup_trunc   = T_trunc / T_sweep = {t_trunc / t_sweep:.2f}   (target ≥ 1.3);  T_trunc / T_gen = {t_trunc / t_gen:.2f}")
+    if t_naive is not None:
+        print(f"speedup_naive   = T_naive / T_sweep = {t_naive / t_sweep:.1f}   (target ≥ 20)")
+
+    child = subprocess.run(
+        [sys.executable, __file__, "--_rss-child", "--model", args.model, "--device", args.device, "--dtype", args.dtype,
+         "--rows", str(args.rows), "--tokens", str(n), "--tf-tokens", str(args.tf_tokens),
+         "--prompt-format", args.prompt_format] + (["--exits", ",".join(map(str, exits))] if args.exits else []),
+        capture_output=True, text=True, env=dict(os.environ),
+    )
+    mem = None
+    if child.returncode == 0:
+        mem = json.loads(child.stdout.strip().splitlines()[-1])
+        gib = 1 << 30
+        print(f"peak RSS of the sweep process {mem['rss_peak'] / gib:.2f} GiB (after load {mem['rss_after_load'] / gib:.2f} GiB); "
+              f"weights {mem['weight_bytes'] / gib:.2f} GiB; peak - weights = {(mem['rss_peak'] - mem['weight_bytes']) / gib:.2f} GiB "
+              f"(target ≤ 1 GiB)" + (f"; GPU peak {mem['gpu_peak'] / gib:.2f} GiB" if mem.get("gpu_peak") else ""))
+    else:
+        print("RSS child failed:\n" + child.stderr[-2000:])
+
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"T_plain": t_plain, "T_trunc": t_trunc, "T_sweep": t_sweep, "T_gen": t_gen, "T_naive": t_naive,
+                       "ratio_ideal": ratio_ideal, "ratio_ideal_gen": ratio_ideal_gen, "memory": mem,
+                       "exits": exits, "rows": args.rows, "tokens": n, "device": args.device}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
