@@ -46,6 +46,7 @@ class RunConfig:
     examples: int = 3
     batch_size: int = 20
     raw_lens: bool = True
+    drift_against: str | None = None  # a reference model: per-layer KL(reference ‖ this model)
 
     def validate(self) -> None:
         self.decoding.validate()
@@ -304,6 +305,21 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
             "top_token": [[_token_text(tok, int(grid_stats.topk_ids[k, p, 0])) for p in range(n_grid)] for k in range(L + 1)],
             "top_prob": [[_r(grid_stats.topk_probs[k, p, 0], 4) for p in range(n_grid)] for k in range(L + 1)],
         }
+
+    if config.drift_against:
+        from .drift import layer_drift
+        from .models import load_model
+
+        say(f"layer drift against {config.drift_against} …")
+        t4 = time.perf_counter()
+        ref_bundle = load_model(config.drift_against, dtype=config.dtype, device=config.device,
+                                revision=config.revision, trust_remote_code=config.trust_remote_code)
+        drift = layer_drift(ref_bundle, bundle, prompt_ids, ref_ids)
+        drift["against"] = config.drift_against
+        drift["label"] = f"KL({config.drift_against} ‖ this model) per layer"
+        lens["drift"] = drift
+        del ref_bundle
+        timing["drift_s"] = round(time.perf_counter() - t4, 3)
 
     # Score the generations of each exit layer.
     t3 = time.perf_counter()
