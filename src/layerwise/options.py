@@ -56,6 +56,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("teacher-forced-tokens", "reference tokens per row for the teacher-forced lens", 32, "int"),
     Option("bertscore-model", "BERTScore model: 'default' (offline MiniLM), 'none', a hub name such as "
            "roberta-large, or a local folder", "default"),
+    Option("drift-against", "a reference model (same tokenizer and depth): record per-layer KL(reference ‖ "
+           "this model), e.g. the fp32 original of a quantized model"),
     Option("report", "HTML report path", "reports/report.html"),
     Option("results-json", "results JSON path", "reports/results.json"),
     Option("baseline", "baseline JSON to compare with (default for smollm2-135m: the shipped one)"),

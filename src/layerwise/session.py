@@ -117,7 +117,7 @@ class LayerwiseSession:
             decoding=Decoding(max_new_tokens=o["max-new-tokens"], do_sample=o["do-sample"],
                               temperature=o["temperature"], top_k=o["top-k"], top_p=o["top-p"], seed=o["seed"]),
             bertscore_model=None if str(bert).lower() == "none" else bert,
-            teacher_forced_tokens=o["teacher-forced-tokens"],
+            teacher_forced_tokens=o["teacher-forced-tokens"], drift_against=o["drift-against"],
         )
 
     def say(self, msg: str) -> None:
