@@ -44,7 +44,7 @@ def _batch(bundle: Any, prompt_ids: list[list[int]]) -> tuple[Any, Any]:
     for i, p in enumerate(prompt_ids):
         ids[i, S - len(p):] = torch.tensor(p)
         mask[i, S - len(p):] = 1
-    dev = next(bundle.model.parameters()).device
+    dev = bundle.device
     return ids.to(dev), mask.to(dev)
 
 
@@ -103,7 +103,7 @@ def _naive_generate(bundle: Any, prompt: list[int], k: int, tokens: int) -> list
 
     model, adapter = bundle.model, bundle.adapter
     L = adapter.num_layers
-    dev = next(model.parameters()).device
+    dev = bundle.device
     ids = torch.tensor([prompt], device=dev)
     out = []
     with torch.inference_mode():

@@ -21,7 +21,7 @@ def test_lens_at_final_layer_equals_model_logits(layerwise_model, encoded):
     from layerwise.lens import position_ids_from_mask
 
     model, adapter = layerwise_model.model, layerwise_model.adapter
-    dev = next(model.parameters()).device
+    dev = layerwise_model.device
     ids, mask = encoded.input_ids.to(dev), encoded.attention_mask.to(dev)
     with torch.inference_mode():
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
@@ -40,7 +40,7 @@ def test_early_exit_at_final_layer_equals_generate(layerwise_model, encoded):
 
     model = layerwise_model.model
     L = layerwise_model.num_layers
-    dev = next(model.parameters()).device
+    dev = layerwise_model.device
     ids, mask = encoded.input_ids.to(dev), encoded.attention_mask.to(dev)
     n = 16
     ours = generate_exits(layerwise_model, ids, mask, [L], Decoding(max_new_tokens=n))

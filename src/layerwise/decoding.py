@@ -239,7 +239,7 @@ def generate_exits(
     L = adapter.num_layers
     exits_sorted = validate_exits(list(exits), L)
     order = sorted(exits_sorted, reverse=True)  # deepest first: each block's rows are a prefix
-    dev = next(model.parameters()).device
+    dev = bundle.device
     input_ids = input_ids.to(dev)
     attention_mask = attention_mask.to(dev)
     P = input_ids.shape[0]

@@ -20,7 +20,7 @@ def _hidden(bundle: Any, seq: Any, mask: Any, window: slice) -> dict[int, Any]:
     from .lens import capture_hidden, position_ids_from_mask
 
     adapter = bundle.adapter
-    dev = next(bundle.model.parameters()).device
+    dev = bundle.device
     seq, mask = seq.to(dev), mask.to(dev)
     kwargs = {"position_ids": position_ids_from_mask(mask)} if _accepts(adapter.decoder, "position_ids") else {}
     with torch.inference_mode(), capture_hidden(adapter, select=window) as store:

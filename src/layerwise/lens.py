@@ -203,13 +203,12 @@ def run_lens(
     t < len-1). Returns one :class:`LensRecord` per sequence.
     """
     adapter: Adapter = bundle.adapter
-    model = bundle.model
     tok = bundle.tokenizer
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    dev = next(model.parameters()).device
+    dev = bundle.device
     input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
     L = adapter.num_layers
     with torch.inference_mode(), capture_hidden(adapter) as store:

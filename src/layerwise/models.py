@@ -59,6 +59,23 @@ class ModelBundle:
     def num_layers(self) -> int:
         return self.adapter.num_layers
 
+    @property
+    def device(self) -> Any:
+        """Where inputs go: the input embeddings' device (with a device map, the first one)."""
+        return input_device(self.model)
+
+
+def input_device(model: Any) -> Any:
+    import torch
+
+    w = model.get_input_embeddings().weight
+    if w.device.type != "meta":
+        return w.device
+    for dev in (getattr(model, "hf_device_map", None) or {}).values():
+        if dev not in ("disk", "cpu") and not str(dev).startswith("meta"):
+            return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    return torch.device("cpu")
+
 
 # ----------------------------------------------------------------------------------------------
 # Resolving the spec
@@ -300,6 +317,10 @@ def load_model(
         load_kwargs["device_map"] = device_map or dev
     elif device_map is not None:
         load_kwargs["device_map"] = device_map
+    if isinstance(load_kwargs.get("device_map"), dict) and "disk" in load_kwargs["device_map"].values():
+        off = cache_root() / "offload"
+        off.mkdir(parents=True, exist_ok=True)
+        load_kwargs["offload_folder"] = tempfile.mkdtemp(prefix="offload-", dir=off)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **load_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs)
@@ -318,7 +339,8 @@ def load_model(
     prepare_tokenizer(tokenizer, model)
     adapter = Adapter(model)
     info.update(describe_model(model))
-    info["device"] = dev if device_map is None else "device_map"
+    hf_map = getattr(model, "hf_device_map", None)
+    info["device"] = dev if not hf_map or quantization is not None else "device_map: " + ", ".join(sorted({str(v) for v in hf_map.values()}))
     info["quantization"] = quantization.describe() if quantization else None
     if notes:
         info["notes"] = notes
@@ -335,7 +357,7 @@ def bundle_from_model(model: Any, tokenizer: Any, name: str = "in-memory model")
     info = {"spec": name, "source": "object", "name": name, "revision": None, "file_sha256": None,
             "quantization": None}
     info.update(describe_model(model))
-    info["device"] = str(next(model.parameters()).device)
+    info["device"] = str(input_device(model))
     return ModelBundle(model=model, tokenizer=tokenizer, adapter=Adapter(model), info=info)
 
 

@@ -153,7 +153,7 @@ def run_sweep(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[li
     model, tok, adapter = bundle.model, bundle.tokenizer, bundle.adapter
     L = adapter.num_layers
     dec = config.decoding
-    dev = next(model.parameters()).device
+    dev = bundle.device
     n_rows = len(prompt_ids)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     gen_tokens: dict[int, list[list[int]]] = {e: [] for e in exits}
