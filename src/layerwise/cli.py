@@ -1,0 +1,141 @@
+"""The ``layerwise`` command: ``report`` and ``compare`` (``run`` is added by its own module).
+
+Imports stay lazy: ``layerwise --help`` loads neither torch, matplotlib nor jinja2. Each
+subcommand is one ``add_*`` function in :data:`SUBCOMMANDS` that builds its subparser and sets
+``func`` (a callable taking the parsed namespace and returning an exit status).
+A :class:`~layerwise.errors.LayerwiseError` prints ``layerwise: error: <message>`` on stderr and
+exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+PROG = "layerwise"
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("pytest-layerwise")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        return "unknown"
+
+
+def _load_baseline(path: str) -> dict[str, Any]:
+    """A baseline JSON: any object with an ``exits`` list (a results JSON qualifies)."""
+    import json
+    from pathlib import Path
+
+    from .errors import BaselineError
+
+    p = Path(path)
+    if not p.is_file():
+        raise BaselineError(f"baseline file {p} does not exist", "pass the path of a baseline or results JSON")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise BaselineError(f"baseline file {p} is not UTF-8 text", "pass a baseline or results JSON") from None
+    except json.JSONDecodeError as exc:
+        raise BaselineError(f"baseline file {p} is not valid JSON (line {exc.lineno}: {exc.msg})",
+                            "write it again with layerwise") from None
+    if not isinstance(data, dict) or not isinstance(data.get("exits"), list):
+        raise BaselineError(f"baseline file {p} has no \"exits\" list", "pass a baseline or results JSON written by layerwise")
+    return data
+
+
+# --------------------------------------------------------------------------- report
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+    from .results import load_results
+
+    results = load_results(args.results)
+    baseline = _load_baseline(args.baseline) if args.baseline else None
+    out = write_report(results, args.output, baseline=baseline)
+    print(f"layerwise: wrote {out}")
+    return 0
+
+
+def add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="render the HTML report from a results JSON",
+                       description="Render a self-contained HTML report from a results JSON (no model needed).")
+    p.add_argument("results", metavar="RESULTS", help="results JSON written by --results-json or `layerwise run`")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="HTML file to write (atomically)")
+    p.add_argument("--baseline", metavar="BASELINE_JSON",
+                   help="baseline (or older results) JSON: show per-exit-layer deltas against it")
+    p.set_defaults(func=_cmd_report)
+
+
+# --------------------------------------------------------------------------- compare
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .report import write_compare
+    from .results import load_results
+
+    old = load_results(args.old)
+    new = load_results(args.new)
+    out = write_compare(old, new, args.output, labels=tuple(args.labels))
+    print(f"layerwise: wrote {out}")
+    return 0
+
+
+def add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="compare two results JSON files in one HTML page",
+                       description="Render an HTML page comparing two runs (deltas are NEW − OLD).")
+    p.add_argument("old", metavar="OLD", help="results JSON of the reference run")
+    p.add_argument("new", metavar="NEW", help="results JSON of the candidate run")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="HTML file to write (atomically)")
+    p.add_argument("--labels", nargs=2, metavar=("A", "B"), default=["old", "new"],
+                   help="names for the two runs (default: old new)")
+    p.set_defaults(func=_cmd_compare)
+
+
+# --------------------------------------------------------------------------- parser
+
+#: One function per subcommand; a new subcommand appends its ``add_*`` here.
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_report, add_compare]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Per-layer (logit lens) and early-exit reports for causal language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (the console script does ``sys.exit(main())``)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors: argparse already printed
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 2)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    from .errors import LayerwiseError
+
+    try:
+        return int(func(args) or 0)
+    except LayerwiseError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # python -m layerwise.cli
+    sys.exit(main())
