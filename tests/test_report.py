@@ -186,6 +186,15 @@ def test_final_norm_section(page):
     assert "<svg" in norm
 
 
+def test_drift_section_only_when_recorded(page, page_b):
+    assert 'id="drift"' not in page
+    drift = section(page_b, 'id="drift"', 'id="norm"')
+    for text in ("(tiny-llama-ref)", "KL(tiny-llama-ref ‖ this model) per layer", "over 96 teacher-forced positions",
+                 "largest at layer 3: 0.110 nats", "<svg"):
+        assert text in drift, text
+    assert page_b.count("<svg") == 9
+
+
 def test_rows_are_collapsible_with_scores(tiny, page):
     rows = section(page, 'id="rows"', "<footer>")
     assert rows.count('<details id="row-') == 3
@@ -436,7 +445,7 @@ def test_compare_page(compare_page):
     assert '1.42<span class="delta worse">-0.45</span><span class="old">was 1.87</span>' in table
     assert '0<span class="delta better">-1</span>' in table  # fewer empty generations
     assert html.count("<svg") == 3  # quality overlay, depth overlay, drift
-    assert 'id="chart-drift"' in html and "KL(old lens || new lens), first token" in html
+    assert 'id="chart-drift"' in html and "KL(tiny-llama-ref ‖ this model) per layer [in pr]" in html
     assert "Deltas are pr − main" in html
     assert '<tr class="differs"><th>Identity</th>' in html  # hash vs revision
     assert "both runs — BLEU" in html

@@ -519,23 +519,42 @@ def drift_of(results: dict) -> dict | None:
     return None
 
 
-def chart_drift(old: dict, new: dict, labels: Sequence[str] = ("old", "new")) -> str | None:
-    """Per-layer drift curve(s) from ``lens.drift`` ({"kl_mean": [L+1], "label": ...}), when present."""
-    found = [(res, d, lab, color) for res, lab, color in ((old, labels[0], ORANGE), (new, labels[1], BLUE))
-             if (d := drift_of(res)) is not None]
-    if not found:
-        return None
-    name = "drift"
+def _drift_figure(found: list[tuple[dict, dict, str | None, str]], name: str) -> str:
+    """found: (results, drift, run label or None, colour). KL with IQR band; top-1 agreement if recorded."""
+    has_agree = any(_has_values(d.get("top1_agree")) for _r, d, _l, _c in found)
     title = f"Per-layer drift ({DEPTH_NOTE})"
     with _style(name):
-        fig = _figure(8.0, 3.6)
-        ax = fig.add_subplot()
+        fig = _figure(11.0 if has_agree else 8.0, 3.6)
+        axes = fig.subplots(1, 2 if has_agree else 1, squeeze=False)[0]
         for res, d, lab, color in found:
-            vals = _floats(d.get("kl_mean"))
-            text = str(d.get("label") or "drift (mean KL)")
-            ax.plot(_layers(res, len(vals)), vals, color=color, lw=1.8, marker="o", ms=3,
-                    label=_label(f"{text} [in {lab}]"))
-        _depth_axes(ax, "mean KL (nats)")
-        ax.set_title(_label(title))
-        ax.legend(loc="best")
+            text = str(d.get("label") or "drift (mean KL)") + (f" [in {lab}]" if lab else "")
+            stats = {"mean": d.get("kl_mean"), "q25": d.get("kl_q25"), "q75": d.get("kl_q75")}
+            _plot_band(axes[0], _layers(res, len(_floats(d.get("kl_mean")))), stats, color, _label(text))
+            if has_agree and _has_values(d.get("top1_agree")):
+                vals = _floats(d.get("top1_agree"))
+                axes[1].plot(_layers(res, len(vals)), vals, color=color, lw=1.8, marker="o", ms=3,
+                             label=_label(lab or "top-1 agreement"))
+        _depth_axes(axes[0], "mean KL (nats); band = 25–75 %")
+        axes[0].set_title("KL between the two models' lens distributions")
+        axes[0].legend(loc="best")
+        if has_agree:
+            _depth_axes(axes[1], "top-1 agreement (fraction)")
+            axes[1].set_ylim(-0.03, 1.03)
+            axes[1].set_title("Same top-1 token in both models")
+            if len(found) > 1:
+                axes[1].legend(loc="best")
+        fig.suptitle(_label(title), fontsize=10)
         return _svg(fig, name, title)
+
+
+def chart_drift_report(results: dict) -> str | None:
+    """Drift recorded in one run (``--drift-against``): per-layer KL(reference ‖ this model)."""
+    d = drift_of(results)
+    return None if d is None else _drift_figure([(results, d, None, BLUE)], "drift")
+
+
+def chart_drift(old: dict, new: dict, labels: Sequence[str] = ("old", "new")) -> str | None:
+    """Per-layer drift curve(s) from ``lens.drift`` ({"kl_mean": [L+1], "label": ...}), when present."""
+    found = [(res, d, str(lab), color) for res, lab, color in ((old, labels[0], ORANGE), (new, labels[1], BLUE))
+             if (d := drift_of(res)) is not None]
+    return _drift_figure(found, "drift") if found else None

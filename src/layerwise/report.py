@@ -397,6 +397,23 @@ def _baseline_label(baseline: dict) -> str:
     return " — ".join(parts) if parts else "baseline file"
 
 
+def _drift_context(results: dict) -> dict[str, Any] | None:
+    from . import charts
+
+    d = charts.drift_of(results)
+    if d is None:
+        return None
+    kl = [v for v in (_num(x) for x in d.get("kl_mean") or []) if v is not None and not math.isnan(v)]
+    layers = results.get("layers") or list(range(len(d.get("kl_mean") or [])))
+    worst = None
+    if kl:
+        vals = [_num(x) for x in d.get("kl_mean")]
+        k = max((i for i, v in enumerate(vals) if v is not None and not math.isnan(v)), key=lambda i: vals[i])
+        worst = f"largest at layer {layers[k] if k < len(layers) else k}: {vals[k]:.3f} nats"
+    return {"svg": _safe(charts.chart_drift_report(results)), "label": str(d.get("label") or ""),
+            "against": str(d.get("against") or ""), "positions": d.get("positions"), "worst": worst}
+
+
 def build_report_context(results: dict, baseline: dict | None = None) -> dict[str, Any]:
     """Everything the report template shows, as display-ready strings (charts as Markup)."""
     from . import charts
@@ -429,6 +446,7 @@ def build_report_context(results: dict, baseline: dict | None = None) -> dict[st
                         "likely token equals the final layer's."},
         ) if c["svg"] is not None],
         "metrics_chart": _safe(charts.chart_metrics(results)),
+        "drift": _drift_context(results),
         "grid": None if grid is None else {"svg": _safe(grid[0]), "note": grid[1],
                                            "row": ((results.get("lens") or {}).get("grid") or {}).get("row")},
         "examples": _examples(results),
