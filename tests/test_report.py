@@ -430,6 +430,7 @@ def test_grid_shows_a_named_subset_of_many_layers(tiny):
 @pytest.mark.parametrize("token, label", [
     ("\n", r"\n"), (" The", "␣The"), ("a ", "a␣"), ("", "∅"), ("  ", "␣␣"), ("$x$", r"\$x\$"),
     ("\x00", r"\x00"), ("abcdefghijklmnopqrstuvwxyz", "abcdefghijklm…"), ("<b>", "<b>"),
+    ("\xa0", r"\u00a0"), ("a\u200bb", r"a\u200bb"), ("é漢", "é漢"),
 ])
 def test_token_label(token, label):
     assert charts.token_label(token) == label

@@ -15,6 +15,7 @@ import html
 import io
 import math
 import re
+import unicodedata
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -46,11 +47,16 @@ _RC = {
 
 # --------------------------------------------------------------------------- helpers
 
+# Characters that draw nothing (or nothing distinguishable): other spaces, format, separators, private use.
+_INVISIBLE = {"Zs", "Zl", "Zp", "Cc", "Cf", "Cs", "Co", "Cn"}
+
+
 def token_label(token: Any, maxlen: int = 14) -> str:
     """A token as a readable, single-line label: whitespace made visible, long ones cut.
 
     Newline → ``\\n``, tab → ``\\t``, a leading/trailing space → ``␣``, empty → ``∅``; other
-    control characters as ``\\xNN``; ``$`` escaped so matplotlib does not parse it as math.
+    control characters as ``\\xNN``, invisible ones (no-break space, zero-width joiner, ...) as
+    ``\\uNNNN``; ``$`` escaped so matplotlib does not parse it as math.
     """
     s = "" if token is None else str(token)
     if s == "":
@@ -65,6 +71,8 @@ def token_label(token: Any, maxlen: int = 14) -> str:
             out.append("\\r")
         elif ord(ch) < 32 or ord(ch) == 127:
             out.append(f"\\x{ord(ch):02x}")
+        elif ch != " " and unicodedata.category(ch) in _INVISIBLE:
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}")
         else:
             out.append(ch)
     s = "".join(out)
@@ -214,7 +222,10 @@ def chart_example(example: dict, caption: str = "", index: int = 0) -> str | Non
             ax.set_xlim(0, 1)
             ax.grid(axis="y", visible=False)
             for yi, p in zip(y, probs):
-                ax.text(min(p + 0.02, 0.8), yi, f"{p:.2f}", va="center", fontsize=7, color="#333")
+                if p > 0.8:  # long bar: label inside its end, in white
+                    ax.text(p - 0.02, yi, f"{p:.2f}", va="center", ha="right", fontsize=7, color="white")
+                else:
+                    ax.text(p + 0.02, yi, f"{p:.2f}", va="center", fontsize=7, color="#333")
             ax.set_title(f"exit layer {k}")
             if i // ncols == nrows - 1:
                 ax.set_xlabel("probability")
@@ -231,8 +242,18 @@ def _lens(results: dict, kind: str) -> dict:
     return part if isinstance(part, dict) else {}
 
 
+def _wide_range(series: list) -> bool:
+    """True when the largest mean is over 4× the median of the positive means (one layer dwarfs the rest)."""
+    vals = []
+    for stats in series:
+        if isinstance(stats, dict):
+            vals += [v for v in _floats(stats.get("mean")) if not math.isnan(v)]
+    pos = sorted(v for v in vals if v > 0)
+    return bool(pos) and max(pos) > 4 * pos[len(pos) // 2]
+
+
 def _depth_chart(results: dict, key: str, ylabel: str, title: str, name: str,
-                 ylim: tuple[float, float] | None = None) -> str | None:
+                 ylim: tuple[float, float] | None = None, symlog_if_wide: bool = False) -> str | None:
     ft, tf = _lens(results, "first_token"), _lens(results, "teacher_forced")
     exits = (results.get("run") or {}).get("exit_layers") or []
     series = [(ft.get(key), BLUE, "first response token (last prompt position)"),
@@ -252,6 +273,10 @@ def _depth_chart(results: dict, key: str, ylabel: str, title: str, name: str,
                 n = len(stats.get("mean") or [])
                 _plot_band(ax, _layers(results, n), stats, color, label)
         _mark_exits(ax, exits)
+        if symlog_if_wide and _wide_range([s for s, _, _ in series]):
+            ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_ylim(bottom=0)
+            ylabel += " — symlog scale"
         _depth_axes(ax, ylabel)
         if ylim:
             ax.set_ylim(*ylim)
@@ -269,7 +294,7 @@ def chart_entropy(results: dict) -> str | None:
 def chart_kl(results: dict) -> str | None:
     """(c) KL(final || layer) by depth with inter-quartile band."""
     return _depth_chart(results, "kl_to_final", "KL(final ‖ layer) (nats); band = 25–75 %",
-                        "KL divergence to the final layer by depth", "kl")
+                        "KL divergence to the final layer by depth", "kl", symlog_if_wide=True)
 
 
 def chart_top1(results: dict) -> str | None:
@@ -427,6 +452,7 @@ def chart_grid(results: dict) -> tuple[str, str] | None:
         cb = fig.colorbar(im, ax=ax, shrink=0.6, pad=0.01)
         if cb.solids is not None:
             cb.solids.set_rasterized(False)  # keep the page free of embedded images
+            cb.solids.set_edgecolor("face")  # no hairline seams between the colour steps
         cb.set_label("probability of the top token")
         ax.set_title(_label(title))
         return _svg(fig, name, title + "; " + note), note
@@ -448,7 +474,7 @@ def chart_norm(results: dict) -> str | None:
     name = "norm"
     title = f"Lens entropy with and without the final norm ({DEPTH_NOTE})"
     with _style(name):
-        fig = _figure(4.6 * len(panels) + 0.4, 3.8)
+        fig = _figure(5.0 * len(panels) + 0.4, 4.2)
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
         for ax, (part, label) in zip(axes, panels):
             for key, color, lab, ls in (("entropy", BLUE, "final norm + unembedding", "-"),
@@ -459,10 +485,19 @@ def chart_norm(results: dict) -> str | None:
             if isinstance(vocab, int) and vocab > 1:
                 ax.axhline(math.log(vocab), color=GREY, lw=1, ls="-.",
                            label=f"uniform over {vocab:,} tokens (ln V = {math.log(vocab):.1f})")
+            if _band(part.get("entropy_raw")) is None:
+                ax.text(0.5, 0.5, "no-norm curve not recorded", transform=ax.transAxes, ha="center",
+                        color=GREY, fontsize=8)
             _mark_exits(ax, exits)
             _depth_axes(ax, "entropy (nats); band = 25–75 %")
             ax.set_title(label)
-            ax.legend(loc="best")
+        handles, labels = [], []
+        for ax in axes:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                if lab not in labels:
+                    handles.append(h)
+                    labels.append(lab)
+        fig.legend(handles, labels, loc="outside lower center", ncols=3)
         fig.suptitle(_label(title), fontsize=10)
         return _svg(fig, name, title)
 
