@@ -1,4 +1,4 @@
-"""The ``layerwise`` command: ``report`` and ``compare`` (``run`` is added by its own module).
+"""The ``layerwise`` command: ``run``, ``report`` and ``compare``.
 
 Imports stay lazy: ``layerwise --help`` loads neither torch, matplotlib nor jinja2. Each
 subcommand is one ``add_*`` function in :data:`SUBCOMMANDS` that builds its subparser and sets
@@ -95,10 +95,68 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_compare)
 
 
+# --------------------------------------------------------------------------- run
+
+_RUN_SKIP = {"report", "results-json", "baseline", "update-baseline", "tolerance"}
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from .io import atomic_write_json
+    from .options import OPTIONS, _convert
+    from .report import write_report
+    from .runner import evaluate
+    from .session import _check_writable, build_run_config
+
+    opts = {o.name: (_convert(o, getattr(args, o.dest)) if getattr(args, o.dest, None) is not None else o.default)
+            for o in OPTIONS}
+    out, report = Path(args.output), Path(args.report) if args.report else None
+    _check_writable(out, "--output")
+    if report is not None:
+        _check_writable(report, "--report")
+    t0 = time.perf_counter()
+    results = evaluate(build_run_config(opts), log=lambda m: print(f"layerwise: {m}", file=sys.stderr, flush=True))
+    atomic_write_json(out, results)
+    print(f"layerwise: wrote {out}")
+    if report is not None:
+        write_report(results, report)
+        print(f"layerwise: wrote {report}")
+    from .terminal import table_lines
+
+    for line in table_lines(results):
+        print(line)
+    print(f"layerwise: done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def add_run(sub: argparse._SubParsersAction) -> None:
+    from .options import OPTIONS
+
+    p = sub.add_parser("run", help="run the lens and early-exit evaluation on a model, write results (and report)",
+                       description="Evaluate a model without pytest: per-layer lens statistics, early-exit "
+                                   "generations for each exit layer and their scores, written as a results JSON.")
+    p.add_argument("-o", "--output", default="reports/results.json", metavar="RESULTS",
+                   help="results JSON to write (default: reports/results.json)")
+    p.add_argument("--report", metavar="HTML", help="also render the HTML report here")
+    for o in OPTIONS:
+        if o.name in _RUN_SKIP or o.name.endswith(("-max", "-min", "-gain")) or o.name == "check-bertscore":
+            continue
+        kwargs: dict[str, Any] = {"dest": o.dest, "default": None,
+                                  "help": o.help + ("" if o.default is None else f" (default: {o.default})")}
+        if o.kind != "bool":
+            kwargs["metavar"] = o.name.split("-")[-1].upper()
+        if o.kind == "bool":
+            kwargs["action"] = "store_true"
+        p.add_argument(f"--{o.name}", **kwargs)
+    p.set_defaults(func=_cmd_run)
+
+
 # --------------------------------------------------------------------------- parser
 
 #: One function per subcommand; a new subcommand appends its ``add_*`` here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_report, add_compare]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_run, add_report, add_compare]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -92,33 +92,7 @@ class LayerwiseSession:
 
     # -- the run -----------------------------------------------------------------------------
     def run_config(self) -> Any:
-        from .decoding import Decoding
-        from .models import Quantization
-        from .runner import RunConfig
-
-        o = self.opts
-        quant = None
-        if o["load-in-4bit"]:
-            quant = Quantization("4bit", o["bnb-4bit-quant-type"], o["bnb-4bit-compute-dtype"])
-        elif o["load-in-8bit"]:
-            quant = Quantization("8bit")
-        device_map: Any = o["device-map"]
-        if device_map and device_map.strip().startswith("{"):
-            try:
-                device_map = json.loads(device_map)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"--device-map is not valid JSON ({exc.msg})", "pass 'auto' or a JSON object") from None
-        bert = o["bertscore-model"]
-        return RunConfig(
-            model=o["model"], dtype=o["dtype"], device=o["device"], revision=o["revision"],
-            trust_remote_code=o["trust-remote-code"], quantization=quant, device_map=device_map,
-            exit_layers=o["exit-layers"], prompts=str(self._path(o["prompts"])) if o["prompts"] else None,
-            limit=o["limit"], prompt_format=o["prompt-format"],
-            decoding=Decoding(max_new_tokens=o["max-new-tokens"], do_sample=o["do-sample"],
-                              temperature=o["temperature"], top_k=o["top-k"], top_p=o["top-p"], seed=o["seed"]),
-            bertscore_model=None if str(bert).lower() == "none" else bert,
-            teacher_forced_tokens=o["teacher-forced-tokens"], drift_against=o["drift-against"],
-        )
+        return build_run_config(self.opts, self._path)
 
     def say(self, msg: str) -> None:
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
@@ -195,6 +169,36 @@ class LayerwiseSession:
         write_report(res, report_path, baseline=base)
         self.phases["report"] = time.perf_counter() - t0
         self.written.append(f"report {report_path}")
+
+
+def build_run_config(o: dict[str, Any], path: Any = Path) -> Any:
+    """Option values (by option name, see options.OPTIONS) → :class:`layerwise.runner.RunConfig`."""
+    from .decoding import Decoding
+    from .models import Quantization
+    from .runner import RunConfig
+
+    quant = None
+    if o["load-in-4bit"]:
+        quant = Quantization("4bit", o["bnb-4bit-quant-type"], o["bnb-4bit-compute-dtype"])
+    elif o["load-in-8bit"]:
+        quant = Quantization("8bit")
+    device_map: Any = o["device-map"]
+    if device_map and device_map.strip().startswith("{"):
+        try:
+            device_map = json.loads(device_map)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--device-map is not valid JSON ({exc.msg})", "pass 'auto' or a JSON object") from None
+    bert = o["bertscore-model"]
+    return RunConfig(
+        model=o["model"], dtype=o["dtype"], device=o["device"], revision=o["revision"],
+        trust_remote_code=o["trust-remote-code"], quantization=quant, device_map=device_map,
+        exit_layers=o["exit-layers"], prompts=str(path(o["prompts"])) if o["prompts"] else None,
+        limit=o["limit"], prompt_format=o["prompt-format"],
+        decoding=Decoding(max_new_tokens=o["max-new-tokens"], do_sample=o["do-sample"],
+                          temperature=o["temperature"], top_k=o["top-k"], top_p=o["top-p"], seed=o["seed"]),
+        bertscore_model=None if str(bert).lower() == "none" else bert,
+        teacher_forced_tokens=o["teacher-forced-tokens"], drift_against=o["drift-against"],
+    )
 
 
 def _check_writable(path: Path, what: str) -> None:
