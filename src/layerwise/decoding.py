@@ -213,8 +213,8 @@ def _pick(logits: torch.Tensor, dec: Decoding, gen: torch.Generator | None) -> t
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    z = logits.float()
-    return z.logsumexp(-1) - torch.einsum("nv,nv->n", torch.softmax(z, -1), z)
+    logp = torch.log_softmax(logits.float(), -1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def generate_exits(

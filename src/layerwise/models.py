@@ -218,8 +218,8 @@ def _gguf_to_cache(src: _Source, sha: str) -> Path:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
+    text = " ".join(str(exc).split())
+    return (text[:200] + "…" if len(text) > 200 else text) or type(exc).__name__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +323,6 @@ def load_model(
         load_kwargs["offload_folder"] = tempfile.mkdtemp(prefix="offload-", dir=off)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **load_kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs)
     except (ModelLoadError, ConfigError):
         raise
     except Exception as exc:  # noqa: BLE001
@@ -332,6 +331,15 @@ def load_model(
         raise ModelLoadError(
             f"cannot load the model in {location}: {type(exc).__name__}: {_first_line(exc)}",
             "the weights are missing, truncated or corrupt; write the folder again with save_pretrained",
+        ) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs)
+    except Exception as exc:  # noqa: BLE001
+        if src.kind == "hub":
+            raise _hub_error(spec, exc) from None
+        raise ModelLoadError(
+            f"cannot load a tokenizer from {location}: {type(exc).__name__}: {_first_line(exc)}",
+            "save the tokenizer into the model folder (tokenizer.save_pretrained(folder))",
         ) from None
     if quantization is None and device_map is None:
         model.to(dev)
