@@ -210,6 +210,9 @@ def _check_writable(path: Path, what: str) -> None:
 
     if path.exists() and path.is_dir():
         raise ConfigError(f"{what} {path} is a folder", "pass a file path")
+    if not probe.is_dir():
+        raise ConfigError(f"{what} {path} cannot be written ({probe} is a file, not a folder)",
+                          "choose a path in a folder you can write to")
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise ConfigError(f"{what} {path} cannot be written (no write permission in {probe})",
                           "choose a path in a folder you can write to")
