@@ -294,6 +294,8 @@ def load_model(
         location = str(_gguf_to_cache(src, sha))
         if quantization is not None:
             notes.append("GGUF weights were de-quantized to float32, then quantized with bitsandbytes")
+    if quantization is not None and quantization.method == "8bit":
+        notes.append("bitsandbytes 8-bit matmuls cast their inputs to float16")
 
     try:
         config = AutoConfig.from_pretrained(location, **hub_kwargs)

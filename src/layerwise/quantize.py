@@ -25,5 +25,10 @@ def bnb_config(q: Any) -> Any:
             bnb_4bit_use_double_quant=q.double_quant,
         )
     if q.method == "8bit":
+        # LLM.int8 casts every matmul's inputs to float16 and logs that once per call; say it
+        # once (in the model's notes) instead of thousands of times.
+        import logging
+
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ConfigError(f"unknown quantization {q.method!r}", "use --load-in-4bit or --load-in-8bit")
