@@ -57,7 +57,7 @@ def identity(results: dict[str, Any]) -> dict[str, Any]:
         "num_layers": run["model"]["num_layers"],
         "decoding": run["decoding"],
         "teacher_forced_tokens": run["lens"]["teacher_forced_tokens"],
-        "bertscore_model": (Path(bs["model"]).name if bs else None),
+        "bertscore_model": bs["model"] if bs else None,
     }
 
 
