@@ -9,14 +9,13 @@ from the run is refused, not compared: the numbers would not mean the same thing
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import BaselineError
-from .io import atomic_write_json
+from .io import atomic_write_json, read_json
 
 BASELINE_SCHEMA = "pytest-layerwise/baseline"
 BASELINE_VERSION = 1
@@ -87,13 +86,8 @@ def write_baseline(results: dict[str, Any], path: str | Path) -> Path:
 
 def load_baseline(path: str | Path) -> dict[str, Any]:
     p = Path(path)
-    if not p.is_file():
-        raise BaselineError(f"baseline {p} does not exist", "create it with --update-baseline, or fix --baseline")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BaselineError(f"baseline {p} is not valid JSON ({exc})".replace("\n", " "),
-                            "restore it from version control or re-create it with --update-baseline") from None
+    data = read_json(p, "baseline", BaselineError, "create it with --update-baseline, or fix --baseline",
+                     "restore it from version control or re-create it with --update-baseline")
     if not isinstance(data, dict) or data.get("schema") != BASELINE_SCHEMA:
         raise BaselineError(f"{p} is not a layerwise baseline", "pass a file written by --update-baseline")
     if data.get("schema_version") != BASELINE_VERSION:

@@ -28,21 +28,12 @@ def _version() -> str:
 
 def _load_baseline(path: str) -> dict[str, Any]:
     """A baseline JSON: any object with an ``exits`` list (a results JSON qualifies)."""
-    import json
-    from pathlib import Path
-
     from .errors import BaselineError
+    from .io import read_json
 
-    p = Path(path)
-    if not p.is_file():
-        raise BaselineError(f"baseline file {p} does not exist", "pass the path of a baseline or results JSON")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise BaselineError(f"baseline file {p} is not UTF-8 text", "pass a baseline or results JSON") from None
-    except json.JSONDecodeError as exc:
-        raise BaselineError(f"baseline file {p} is not valid JSON (line {exc.lineno}: {exc.msg})",
-                            "write it again with layerwise") from None
+    p = path
+    data = read_json(path, "baseline file", BaselineError, "pass the path of a baseline or results JSON",
+                     "write it again with layerwise")
     if not isinstance(data, dict) or not isinstance(data.get("exits"), list):
         raise BaselineError(f"baseline file {p} has no \"exits\" list", "pass a baseline or results JSON written by layerwise")
     return data

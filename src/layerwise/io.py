@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, LayerwiseError
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -52,3 +52,17 @@ def dumps_json(obj: Any) -> str:
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return atomic_write_text(path, dumps_json(obj))
+
+
+def read_json(path: str | os.PathLike[str], what: str, error: type[LayerwiseError], missing_fix: str,
+              corrupt_fix: str) -> Any:
+    """Read a JSON file layerwise wrote, or raise ``error`` with one line saying what is wrong."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} {p} does not exist", missing_fix)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise error(f"{what} {p} is not UTF-8 text", corrupt_fix) from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} {p} is not valid JSON (line {exc.lineno}: {exc.msg})", corrupt_fix) from None

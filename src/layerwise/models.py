@@ -323,26 +323,20 @@ def load_model(
         off = cache_root() / "offload"
         off.mkdir(parents=True, exist_ok=True)
         load_kwargs["offload_folder"] = tempfile.mkdtemp(prefix="offload-", dir=off)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(location, **load_kwargs)
-    except (ModelLoadError, ConfigError):
-        raise
-    except Exception as exc:  # noqa: BLE001
-        if src.kind == "hub":
-            raise _hub_error(spec, exc) from None
-        raise ModelLoadError(
-            f"cannot load the model in {location}: {type(exc).__name__}: {_first_line(exc)}",
-            "the weights are missing, truncated or corrupt; write the folder again with save_pretrained",
-        ) from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs)
-    except Exception as exc:  # noqa: BLE001
-        if src.kind == "hub":
-            raise _hub_error(spec, exc) from None
-        raise ModelLoadError(
-            f"cannot load a tokenizer from {location}: {type(exc).__name__}: {_first_line(exc)}",
-            "save the tokenizer into the model folder (tokenizer.save_pretrained(folder))",
-        ) from None
+    def attempt(step: Any, what: str, fix: str) -> Any:
+        try:
+            return step()
+        except (ModelLoadError, ConfigError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported as one line; a hub id gets the hub's advice
+            if src.kind == "hub":
+                raise _hub_error(spec, exc) from None
+            raise ModelLoadError(f"cannot load {what} {location}: {type(exc).__name__}: {_first_line(exc)}", fix) from None
+
+    model = attempt(lambda: AutoModelForCausalLM.from_pretrained(location, **load_kwargs), "the model in",
+                    "the weights are missing, truncated or corrupt; write the folder again with save_pretrained")
+    tokenizer = attempt(lambda: AutoTokenizer.from_pretrained(location, **hub_kwargs), "a tokenizer from",
+                        "save the tokenizer into the model folder (tokenizer.save_pretrained(folder))")
     if quantization is None and device_map is None:
         model.to(dev)
     model.eval()

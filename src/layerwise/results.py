@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from .errors import ResultsError
+from .io import read_json
 
 SCHEMA = "pytest-layerwise/results"
 SCHEMA_VERSION = 1
@@ -15,17 +15,8 @@ SCHEMA_VERSION = 1
 def load_results(path: str | Path) -> dict[str, Any]:
     """Read a results JSON written by layerwise, or raise a one-line :class:`ResultsError`."""
     p = Path(path)
-    if not p.is_file():
-        raise ResultsError(f"results file {p} does not exist", "pass the path that --results-json wrote")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ResultsError(f"results file {p} is not UTF-8 text", "pass a results JSON written by layerwise") from None
-    except json.JSONDecodeError as exc:
-        raise ResultsError(
-            f"results file {p} is not valid JSON (line {exc.lineno}: {exc.msg})",
-            "re-run to write it again; layerwise never leaves half-written files, so it was changed by hand or by another tool",
-        ) from None
+    data = read_json(p, "results file", ResultsError, "pass the path that --results-json wrote",
+                     "re-run to write it again; layerwise never leaves half-written files, so it was changed by hand or by another tool")
     validate_results(data, str(p))
     return data
 
