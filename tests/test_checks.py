@@ -337,7 +337,7 @@ def test_convert_lists():
     assert _convert(o, "8,16,24") == [8, 16, 24]
     assert _convert(o, " 8, 16 24 ") == [8, 16, 24]
     assert _convert(o, None) is None
-    with pytest.raises(ConfigError, match=r"--exit-layers: 'x' is not a whole number"):
+    with pytest.raises(ConfigError, match=r"--exit-layers / layerwise_exit_layers: 'x' is not a whole number"):
         _convert(o, "8,16,x")
     with pytest.raises(ConfigError):
         _convert(o, "8.5")
@@ -358,11 +358,11 @@ def test_convert_numbers_and_choices():
     assert _convert(OPT["max-new-tokens"], " 7 ") == 7
     assert _convert(OPT["temperature"], "0.5") == 0.5
     assert _convert(OPT["dtype"], "bfloat16") == "bfloat16"
-    with pytest.raises(ConfigError, match=r"--max-new-tokens: 'abc' is not a valid int"):
+    with pytest.raises(ConfigError, match=r"--max-new-tokens / layerwise_max_new_tokens: 'abc' is not a whole number"):
         _convert(OPT["max-new-tokens"], "abc")
-    with pytest.raises(ConfigError, match=r"--temperature: 'hot' is not a valid float"):
+    with pytest.raises(ConfigError, match=r"--temperature / layerwise_temperature: 'hot' is not a number"):
         _convert(OPT["temperature"], "hot")
-    with pytest.raises(ConfigError, match=r"--dtype: 'float64' is not one of auto, float32, bfloat16, float16"):
+    with pytest.raises(ConfigError, match=r"--dtype / layerwise_dtype: 'float64' is not one of auto, float32, bfloat16, float16"):
         _convert(OPT["dtype"], "float64")
     with pytest.raises(ConfigError, match="nf4, fp4"):
         _convert(OPT["bnb-4bit-quant-type"], "int4")

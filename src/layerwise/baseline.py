@@ -65,10 +65,10 @@ def make_baseline(results: dict[str, Any]) -> dict[str, Any]:
     curves: dict[str, list[float | None]] = {}
     for sec, stat in LENS_CURVES:
         if stat in lens.get(sec, {}):
-            curves[f"{sec}.{stat}"] = lens[sec][stat]["mean"]
+            curves[f"{sec}.{stat}"] = list(lens[sec][stat]["mean"])
     for sec, stat in LENS_RATES:
         if stat in lens.get(sec, {}):
-            curves[f"{sec}.{stat}"] = lens[sec][stat]
+            curves[f"{sec}.{stat}"] = list(lens[sec][stat])
     m = results["run"]["model"]
     return {
         "schema": BASELINE_SCHEMA,

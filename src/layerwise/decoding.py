@@ -214,7 +214,8 @@ def _pick(logits: torch.Tensor, dec: Decoding, gen: torch.Generator | None) -> t
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
     logp = torch.log_softmax(logits.float(), -1)
-    return -(logp.exp() * logp).sum(-1)
+    # float64 accumulation: the result does not depend on how threads split the reduction
+    return -(logp.exp() * logp).sum(-1, dtype=torch.float64)
 
 
 def generate_exits(

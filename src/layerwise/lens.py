@@ -131,19 +131,20 @@ def layer_stats(
                 known = tgt >= 0
                 tgt = tgt.clamp(min=0)
 
-            # Sums over the vocabulary use .sum (pairwise reduction): a sequential float32
-            # reduction over ~50k terms (e.g. CPU einsum) loses ~1e-3 nats.
+            # Sums over the vocabulary accumulate in float64: a sequential float32 reduction over
+            # ~50k terms (e.g. CPU einsum) loses ~1e-3 nats, and float32 results can depend on
+            # how many threads split the sum.
             def record(k: int, normed: bool, z: torch.Tensor, lse: torch.Tensor) -> None:
                 ent_key, xent_key = ("entropy", "xent") if normed else ("entropy_raw", "xent_raw")
                 logp = logpf if k == L else z - lse.unsqueeze(-1)
                 p = pf if k == L else logp.exp()
-                out[ent_key][k, s:e] = (-(p * logp).sum(-1)).cpu()
+                out[ent_key][k, s:e] = (-(p * logp).sum(-1, dtype=torch.float64)).float().cpu()
                 if tgt is not None:
                     x = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
                     out[xent_key][k, s:e] = torch.where(known, x, torch.full_like(x, nan)).cpu()
                 if not normed:
                     return
-                out["kl_to_final"][k, s:e] = (pf * (logpf - logp)).sum(-1).cpu()
+                out["kl_to_final"][k, s:e] = (pf * (logpf - logp)).sum(-1, dtype=torch.float64).float().cpu()
                 out["top1_agree"][k, s:e] = (z.argmax(-1) == top1_f).float().cpu()
                 ref = z.gather(-1, top1_f.unsqueeze(-1))
                 out["final_top1_rank"][k, s:e] = torch.count_nonzero(z > ref, dim=-1).float().cpu()

@@ -5,6 +5,7 @@ Importing this module imports nothing heavy: ``pytest --help`` must not import t
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -90,6 +91,7 @@ def _convert(opt: Option, raw: Any) -> Any:
         if s in ("0", "false", "no", "off", ""):
             return False
         raise ConfigError(f"--{opt.name} / {opt.ini}: {raw!r} is not true or false", "use true or false")
+    where = f"--{opt.name} / {opt.ini}"
     if opt.kind == "list":
         items = [x.strip() for x in str(raw).replace(" ", ",").split(",") if x.strip()]
         out = []
@@ -97,15 +99,16 @@ def _convert(opt: Option, raw: Any) -> Any:
             try:
                 out.append(int(x))
             except ValueError:
-                raise ConfigError(f"--{opt.name}: {x!r} is not a whole number", "pass layers like 8,16,24,32") from None
+                raise ConfigError(f"{where}: {x!r} is not a whole number", "pass layers like 8,16,24,32") from None
         return out
     conv: Callable[[Any], Any] = {"int": int, "float": float, "str": str}[opt.kind]
     try:
         value = conv(str(raw).strip() if opt.kind != "str" else raw)
     except ValueError:
-        raise ConfigError(f"--{opt.name}: {raw!r} is not a valid {opt.kind}", f"pass a {opt.kind} value") from None
+        kind = {"int": "whole number", "float": "number"}.get(opt.kind, opt.kind)
+        raise ConfigError(f"{where}: {raw!r} is not a {kind}", f"pass a {kind}") from None
     if opt.choices and value not in opt.choices:
-        raise ConfigError(f"--{opt.name}: {value!r} is not one of {', '.join(opt.choices)}", f"use one of {', '.join(opt.choices)}")
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(opt.choices)}", f"use one of {', '.join(opt.choices)}")
     return value
 
 
@@ -114,7 +117,7 @@ def add_options(parser: Any) -> None:
     for o in OPTIONS:
         kwargs: dict[str, Any] = {"dest": o.dest, "default": None}
         if o.kind == "bool":
-            kwargs["action"] = "store_true"
+            kwargs["action"] = argparse.BooleanOptionalAction  # --x / --no-x: the CLI can undo an ini "true"
         else:
             kwargs["metavar"] = o.name.split("-")[-1].upper() if o.kind == "str" else o.kind.upper()
         default = "" if o.default is None else f" (default: {o.default})"

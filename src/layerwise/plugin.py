@@ -20,14 +20,28 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)
 
 
+class _Recorder:
+    """Per-session hook object: records every test's outcome for the results and the report."""
+
+    def __init__(self, sess: Any) -> None:
+        self.sess = sess
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.sess.record(report)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "layerwise: a test that uses the layerwise model fixtures")
+    if config.option.help or config.option.version:
+        return  # show the help even when an option value is wrong
     from .session import LayerwiseSession
 
     try:
-        config.stash[_KEY] = LayerwiseSession(config)
+        sess = LayerwiseSession(config)
     except LayerwiseError as exc:
         raise pytest.UsageError(f"layerwise: {exc}") from None
+    config.stash[_KEY] = sess
+    config.pluginmanager.register(_Recorder(sess), f"layerwise-recorder-{id(config)}")
 
 
 def _session(config: pytest.Config) -> Any:
@@ -91,20 +105,6 @@ def layerwise_baseline(layerwise: Any) -> dict[str, Any] | None:
 def layerwise_settings(layerwise: Any) -> dict[str, Any]:
     """All option values (CLI over ini over default), keyed by option name."""
     return dict(layerwise.opts)
-
-
-_CONFIG: list[pytest.Config] = []
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionstart(session: pytest.Session) -> None:
-    _CONFIG[:] = [session.config]
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    sess = _session(_CONFIG[0]) if _CONFIG else None
-    if sess is not None:
-        sess.record(report)
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -136,14 +136,27 @@ class LayerwiseSession:
 
     # -- outcomes and output -----------------------------------------------------------------
     def record(self, report: Any) -> None:
-        if report.when == "call" or (report.when == "setup" and not report.passed):
-            msg = ""
-            if report.failed:
-                crash = getattr(report.longrepr, "reprcrash", None)
-                msg = crash.message if crash is not None else str(report.longrepr).strip().splitlines()[-1:][0] if str(report.longrepr).strip() else ""
-            elif report.skipped and isinstance(report.longrepr, tuple):
-                msg = str(report.longrepr[2])
-            self.outcomes[report.nodeid] = {"nodeid": report.nodeid, "outcome": report.outcome, "message": msg}
+        """Keep each test's outcome: its call, or a failing/skipping setup, or a failing teardown."""
+        if not (report.when == "call" or (report.when in ("setup", "teardown") and not report.passed)):
+            return
+        if report.when == "teardown" and report.nodeid in self.outcomes and report.passed:
+            return
+        msg = ""
+        outcome = report.outcome
+        if hasattr(report, "wasxfail"):
+            outcome = "xfailed" if report.skipped else "xpassed"
+            msg = str(report.wasxfail)
+        elif report.failed:
+            crash = getattr(report.longrepr, "reprcrash", None)
+            text = str(report.longrepr).strip()
+            msg = crash.message if crash is not None else (text.splitlines()[-1] if text else "")
+            if report.when == "teardown":
+                outcome, msg = "error", f"error in teardown: {msg}"
+            elif report.when == "setup":
+                outcome = "error"
+        elif report.skipped and isinstance(report.longrepr, tuple):
+            msg = str(report.longrepr[2])
+        self.outcomes[report.nodeid] = {"nodeid": report.nodeid, "outcome": outcome, "message": msg}
 
     def finish(self, exitstatus: int) -> None:
         """Write results JSON, report and (if asked) baseline — only for a complete run."""
