@@ -615,3 +615,23 @@ def test_shipped_suite_fails_on_random_weights(pytester, lw_env, random_default_
     assert by_id["test_lens_at_final_layer_equals_model_logits"]["outcome"] == "passed"
     assert by_id["test_early_exit_at_final_layer_equals_generate"]["outcome"] == "passed"
     print({k: (v["outcome"], v["message"][:300]) for k, v in by_id.items()})
+
+
+def test_ctrl_c_during_the_sweep_leaves_previous_files_intact(pytester, tiny_llama_dir):
+    """Interrupt inside the early-exit decoding itself (not between tests)."""
+    old = _old_outputs(pytester.path)
+    pytester.makeconftest("""
+        import layerwise.decoding
+
+        def _interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        layerwise.decoding.generate_exits = _interrupted
+    """)
+    pytester.makepyfile(test_user="""
+        def test_a(layerwise_results):
+            assert layerwise_results["exits"]
+    """)
+    result = pytester.runpytest(*tiny(tiny_llama_dir), no_reraise_ctrlc=True)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    _assert_untouched(pytester.path, old)

@@ -139,7 +139,7 @@ def add_run(sub: argparse._SubParsersAction) -> None:
         if o.kind != "bool":
             kwargs["metavar"] = o.name.split("-")[-1].upper()
         if o.kind == "bool":
-            kwargs["action"] = "store_true"
+            kwargs["action"] = argparse.BooleanOptionalAction
         p.add_argument(f"--{o.name}", **kwargs)
     p.set_defaults(func=_cmd_run)
 

@@ -42,6 +42,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("load-in-8bit", "quantize with bitsandbytes 8-bit", False, "bool"),
     Option("bnb-4bit-quant-type", "4-bit type", "nf4", choices=("nf4", "fp4")),
     Option("bnb-4bit-compute-dtype", "4-bit compute dtype", "float32", choices=("float32", "bfloat16", "float16")),
+    Option("bnb-4bit-double-quant", "4-bit double quantization (--no-bnb-4bit-double-quant to turn it off)", True, "bool"),
     Option("exit-layers", "comma-separated exit layers 1..L (layer k = output of block k); "
            "default ceil(q·L/4) for q = 1..4", None, "list"),
     Option("prompts", "prompts file: JSONL or CSV with instruction/input/output or prompt/reference "

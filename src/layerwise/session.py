@@ -192,7 +192,7 @@ def build_run_config(o: dict[str, Any], path: Any = Path) -> Any:
 
     quant = None
     if o["load-in-4bit"]:
-        quant = Quantization("4bit", o["bnb-4bit-quant-type"], o["bnb-4bit-compute-dtype"])
+        quant = Quantization("4bit", o["bnb-4bit-quant-type"], o["bnb-4bit-compute-dtype"], o["bnb-4bit-double-quant"])
     elif o["load-in-8bit"]:
         quant = Quantization("8bit")
     device_map: Any = o["device-map"]
