@@ -50,14 +50,14 @@ def capture_hidden(adapter: Adapter, select: Any = None) -> Iterator[dict[int, t
 
     def pre_hook(_mod: Any, args: tuple, kwargs: dict) -> None:
         h = args[0] if args else kwargs["hidden_states"]
-        store[0] = h[:, sel].detach()
+        store[0] = h[:, sel].detach().clone()  # a copy: a view would keep the whole (B, T, d) tensor alive
 
     handles.append(blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
     for j in range(len(blocks) - 1):
 
         def hook(_mod: Any, _args: Any, out: Any, k: int = j + 1) -> None:
             h = out[0] if isinstance(out, (tuple, list)) else out
-            store[k] = h[:, sel].detach()
+            store[k] = h[:, sel].detach().clone()
 
         handles.append(blocks[j].register_forward_hook(hook))
     try:
@@ -120,40 +120,45 @@ def layer_stats(
     with torch.inference_mode():
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            zf = adapter.logits(adapter.prepare(hidden[L][s:e], norm=False))  # (c, V)
-            lse_f = zf.logsumexp(-1)
-            logpf = zf - lse_f.unsqueeze(-1)
+            zf = adapter.logits(adapter.prepare(hidden[L][s:e], norm=False))  # (c, V), ours to modify
+            logpf = zf.sub_(zf.logsumexp(-1, keepdim=True))  # in place: log-probabilities of layer L
             pf = logpf.exp()
-            top1_f = zf.argmax(-1)
+            top1_f = logpf.argmax(-1)
+            scratch = torch.empty_like(logpf)
             tgt = known = None
             if want_xent:
-                tgt = targets[s:e].to(zf.device)
+                tgt = targets[s:e].to(logpf.device)
                 known = tgt >= 0
                 tgt = tgt.clamp(min=0)
 
+            # Memory: besides the logits of the chunk only p and one scratch buffer exist (every
+            # other step works in place), so a chunk costs about 5 × rows × V floats.
             # Sums over the vocabulary accumulate in float64: a sequential float32 reduction over
             # ~50k terms (e.g. CPU einsum) loses ~1e-3 nats, and float32 results can depend on
             # how many threads split the sum.
-            def record(k: int, normed: bool, z: torch.Tensor, lse: torch.Tensor) -> None:
+            def record(k: int, normed: bool, logp: torch.Tensor) -> None:
                 ent_key, xent_key = ("entropy", "xent") if normed else ("entropy_raw", "xent_raw")
-                logp = logpf if k == L else z - lse.unsqueeze(-1)
                 p = pf if k == L else logp.exp()
-                out[ent_key][k, s:e] = (-(p * logp).sum(-1, dtype=torch.float64)).float().cpu()
+                torch.mul(p, logp, out=scratch)
+                out[ent_key][k, s:e] = (-scratch.sum(-1, dtype=torch.float64)).float().cpu()
                 if tgt is not None:
                     x = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
                     out[xent_key][k, s:e] = torch.where(known, x, torch.full_like(x, nan)).cpu()
                 if not normed:
                     return
-                out["kl_to_final"][k, s:e] = (pf * (logpf - logp)).sum(-1, dtype=torch.float64).float().cpu()
-                out["top1_agree"][k, s:e] = (z.argmax(-1) == top1_f).float().cpu()
-                ref = z.gather(-1, top1_f.unsqueeze(-1))
-                out["final_top1_rank"][k, s:e] = torch.count_nonzero(z > ref, dim=-1).float().cpu()
+                if k < L:
+                    torch.sub(logpf, logp, out=scratch).mul_(pf)
+                    out["kl_to_final"][k, s:e] = scratch.sum(-1, dtype=torch.float64).float().cpu()
+                # ranks by log-probability = ranks by logit
+                out["top1_agree"][k, s:e] = (logp.argmax(-1) == top1_f).float().cpu()
+                ref = logp.gather(-1, top1_f.unsqueeze(-1))
+                out["final_top1_rank"][k, s:e] = torch.count_nonzero(logp > ref, dim=-1).float().cpu()
                 if top_k:
                     vals, ids = logp.topk(top_k, dim=-1)
                     topk_ids[k, s:e] = ids.cpu()
                     topk_probs[k, s:e] = vals.exp().cpu()
 
-            record(L, True, zf, lse_f)
+            record(L, True, logpf)
             out["kl_to_final"][L, s:e] = 0.0
             if raw:  # layer L is the model's output either way
                 out["entropy_raw"][L, s:e] = out["entropy"][L, s:e]
@@ -163,10 +168,12 @@ def layer_stats(
                 group = jobs[g : g + per_group]
                 x = torch.cat([adapter.prepare(hidden[k][s:e], norm=normed) for k, normed in group])
                 z_all = adapter.logits(x).view(len(group), e - s, -1)
-                lse_all = z_all.logsumexp(-1)
+                del x
+                z_all.sub_(z_all.logsumexp(-1, keepdim=True))  # in place: log-probabilities
                 for i, (k, normed) in enumerate(group):
-                    record(k, normed, z_all[i], lse_all[i])
-                del z_all, x
+                    record(k, normed, z_all[i])
+                del z_all
+            del zf, logpf, pf, scratch
     return LayerStats(
         entropy=out["entropy"],
         kl_to_final=out["kl_to_final"],
