@@ -173,7 +173,6 @@ def layer_stats(
                 for i, (k, normed) in enumerate(group):
                     record(k, normed, z_all[i])
                 del z_all
-            del zf, logpf, pf, scratch
     return LayerStats(
         entropy=out["entropy"],
         kl_to_final=out["kl_to_final"],

@@ -48,10 +48,6 @@ def _session(config: pytest.Config) -> Any:
     return config.stash.get(_KEY, None)
 
 
-def _is_xdist_controller(config: pytest.Config) -> bool:
-    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
-
-
 def _guard(fn: Any) -> Any:
     try:
         return fn()

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, LayerwiseError
+from .errors import ConfigError
 from .options import parse_tolerances, read_options
 
 DEFAULT_BASELINES = {"smollm2-135m": "smollm2-135m.json"}
@@ -230,6 +230,3 @@ def _check_writable(path: Path, what: str) -> None:
         raise ConfigError(f"{what} {path} cannot be written (no write permission in {probe})",
                           "choose a path in a folder you can write to")
 
-
-def as_error_line(err: LayerwiseError) -> str:
-    return f"layerwise: {err}"
