@@ -620,6 +620,7 @@ def test_shipped_suite_fails_on_random_weights(pytester, lw_env, random_default_
 def test_ctrl_c_during_the_sweep_leaves_previous_files_intact(pytester, tiny_llama_dir):
     """Interrupt inside the early-exit decoding itself (not between tests)."""
     old = _old_outputs(pytester.path)
+    # In a subprocess: the conftest replaces a module attribute, which must not leak into this one.
     pytester.makeconftest("""
         import layerwise.decoding
 
@@ -632,6 +633,6 @@ def test_ctrl_c_during_the_sweep_leaves_previous_files_intact(pytester, tiny_lla
         def test_a(layerwise_results):
             assert layerwise_results["exits"]
     """)
-    result = pytester.runpytest(*tiny(tiny_llama_dir), no_reraise_ctrlc=True)
-    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result = pytester.runpytest_subprocess(*tiny(tiny_llama_dir))
+    assert result.ret == pytest.ExitCode.INTERRUPTED, result.stdout.str()
     _assert_untouched(pytester.path, old)
