@@ -14,7 +14,8 @@ import pytest
 from layerwise import baseline as B
 from layerwise import checks
 from layerwise.errors import BaselineError, ConfigError
-from layerwise.options import BY_DEST, OPTIONS, _convert, parse_tolerances, read_options
+from layerwise.config import parse_tolerances
+from layerwise.options import BY_NAME, OPTIONS, convert, read_pytest_options
 
 OPT = {o.name: o for o in OPTIONS}
 
@@ -301,6 +302,38 @@ def _write(p, text):
     return p
 
 
+def _damaged(change):
+    base = json.loads(json.dumps(B.make_baseline(make_results())))
+    change(base)
+    return json.dumps(base, allow_nan=True)
+
+
+@pytest.mark.parametrize("change, needle", [
+    # Each of these passed or crashed before: NaN/Infinity compared false and passed the gate.
+    (lambda b: b["exits"][0].__setitem__("bleu", float("nan")), "exits[0].bleu: expected a finite number or null, got NaN"),
+    (lambda b: b["lens"]["teacher_forced.entropy"].__setitem__(2, float("inf")),
+     "lens.teacher_forced.entropy[2]: expected a finite number or null, got Infinity"),
+    (lambda b: b["exits"][1].__setitem__("rougeL", "0.3"), "exits[1].rougeL: expected a finite number or null, got a string"),
+    (lambda b: b["exits"][1].pop("layer"), "exits[1]: lacks 'layer'"),
+    (lambda b: b.__setitem__("lens", []), "lens: expected an object, got a list"),
+    (lambda b: b.__setitem__("identity", "x"), "identity: expected an object, got a string"),
+    (lambda b: b["identity"].__setitem__("exit_layers", [[[[1]]]]), "identity.exit_layers[0]: expected a whole number, got a list"),
+])
+def test_a_damaged_baseline_is_refused_naming_the_first_problem(tmp_path, change, needle):
+    p = _write(tmp_path / "b.json", _damaged(change))
+    with pytest.raises(BaselineError) as ei:
+        B.load_baseline(p)
+    msg = str(ei.value)
+    assert f"baseline {p} is damaged: {needle}" in msg and "\n" not in msg, msg
+
+
+def test_deep_nesting_is_one_line_not_a_recursion_error(tmp_path):
+    p = _write(tmp_path / "b.json", "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(BaselineError) as ei:
+        B.load_baseline(p)
+    assert "nested too deeply" in str(ei.value)
+
+
 @pytest.mark.parametrize(
     "content, needle",
     [
@@ -334,46 +367,47 @@ def test_load_baseline_errors(tmp_path, content, needle):
 
 def test_convert_lists():
     o = OPT["exit-layers"]
-    assert _convert(o, "8,16,24") == [8, 16, 24]
-    assert _convert(o, " 8, 16 24 ") == [8, 16, 24]
-    assert _convert(o, None) is None
+    assert convert(o, "8,16,24") == [8, 16, 24]
+    assert convert(o, " 8, 16 24 ") == [8, 16, 24]
+    assert convert(o, None) is None
     with pytest.raises(ConfigError, match=r"--exit-layers / layerwise_exit_layers: 'x' is not a whole number"):
-        _convert(o, "8,16,x")
+        convert(o, "8,16,x")
     with pytest.raises(ConfigError):
-        _convert(o, "8.5")
+        convert(o, "8.5")
 
 
 @pytest.mark.parametrize("raw, want", [("1", True), ("true", True), ("Yes", True), (" on ", True), (True, True),
                                        ("0", False), ("false", False), ("no", False), ("OFF", False), ("", False), (False, False)])
 def test_convert_bools(raw, want):
-    assert _convert(OPT["do-sample"], raw) is want
+    assert convert(OPT["do-sample"], raw) is want
 
 
 def test_convert_bool_rejects_other_words():
     with pytest.raises(ConfigError, match=r"--do-sample / layerwise_do_sample: 'maybe' is not true or false"):
-        _convert(OPT["do-sample"], "maybe")
+        convert(OPT["do-sample"], "maybe")
 
 
 def test_convert_numbers_and_choices():
-    assert _convert(OPT["max-new-tokens"], " 7 ") == 7
-    assert _convert(OPT["temperature"], "0.5") == 0.5
-    assert _convert(OPT["dtype"], "bfloat16") == "bfloat16"
+    assert convert(OPT["max-new-tokens"], " 7 ") == 7
+    assert convert(OPT["temperature"], "0.5") == 0.5
+    assert convert(OPT["dtype"], "bfloat16") == "bfloat16"
     with pytest.raises(ConfigError, match=r"--max-new-tokens / layerwise_max_new_tokens: 'abc' is not a whole number"):
-        _convert(OPT["max-new-tokens"], "abc")
+        convert(OPT["max-new-tokens"], "abc")
     with pytest.raises(ConfigError, match=r"--temperature / layerwise_temperature: 'hot' is not a number"):
-        _convert(OPT["temperature"], "hot")
+        convert(OPT["temperature"], "hot")
     with pytest.raises(ConfigError, match=r"--dtype / layerwise_dtype: 'float64' is not one of auto, float32, bfloat16, float16"):
-        _convert(OPT["dtype"], "float64")
+        convert(OPT["dtype"], "float64")
     with pytest.raises(ConfigError, match="nf4, fp4"):
-        _convert(OPT["bnb-4bit-quant-type"], "int4")
+        convert(OPT["bnb-4bit-quant-type"], "int4")
 
 
 def test_every_option_has_a_flag_an_ini_key_and_a_valid_default():
     for o in OPTIONS:
         assert o.ini == "layerwise_" + o.name.replace("-", "_")
-        assert BY_DEST[o.dest] is o
+        assert BY_NAME[o.name] is o
         if o.default is not None:
-            assert _convert(o, o.default) == o.default
+            got = convert(o, o.default)
+            assert (str(got) if o.kind == "path" else got) == o.default
         if o.choices:
             assert o.default in o.choices
 
@@ -382,6 +416,9 @@ class _FakeConfig:
     def __init__(self, cli: dict[str, Any], ini: dict[str, Any]) -> None:
         self.option = SimpleNamespace(**cli)
         self.cli, self.ini = cli, ini
+        self.invocation_params = SimpleNamespace(dir="/here")
+        self.inipath = "/project/pytest.ini"
+        self.rootpath = "/project"
 
     def getoption(self, dest: str, default: Any = None) -> Any:
         return self.cli.get(dest, default)
@@ -394,7 +431,8 @@ def test_read_options_cli_over_ini_over_default():
     cfg = _FakeConfig(cli={"layerwise_max_new_tokens": "5", "layerwise_do_sample": None},
                       ini={"layerwise_max_new_tokens": "7", "layerwise_limit": "3", "layerwise_do_sample": "yes",
                            "layerwise_exit_layers": "2,4"})
-    o = read_options(cfg)
+    o, given = read_pytest_options(cfg)
+    assert given == {"max-new-tokens", "limit", "do-sample", "exit-layers"}
     assert o["max-new-tokens"] == 5
     assert o["limit"] == 3
     assert o["do-sample"] is True
@@ -405,7 +443,18 @@ def test_read_options_cli_over_ini_over_default():
 
 def test_read_options_bad_ini_value_is_a_config_error():
     with pytest.raises(ConfigError, match="layerwise_do_sample"):
-        read_options(_FakeConfig(cli={}, ini={"layerwise_do_sample": "perhaps"}))
+        read_pytest_options(_FakeConfig(cli={}, ini={"layerwise_do_sample": "perhaps"}))
+
+
+def test_paths_from_the_command_line_are_taken_from_the_invocation_folder_ini_ones_from_the_ini_folder():
+    from pathlib import Path
+
+    o, _ = read_pytest_options(_FakeConfig(cli={"layerwise_report": "r/x.html", "layerwise_prompts": "~/p.jsonl"},
+                                           ini={"layerwise_results_json": "out/res.json", "layerwise_baseline": "/abs/b.json"}))
+    assert o["report"] == Path("/here/r/x.html")
+    assert o["prompts"] == Path.home() / "p.jsonl"
+    assert o["results-json"] == Path("/project/out/res.json")
+    assert o["baseline"] == Path("/abs/b.json")
 
 
 def test_parse_tolerances():
@@ -416,3 +465,19 @@ def test_parse_tolerances():
     for bad in ("bleu", "bleu=x", "bleu=0.1:y"):
         with pytest.raises(ConfigError, match="--tolerance: cannot read"):
             parse_tolerances(bad)
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("bleu=nan", "must be finite and ≥ 0"),  # NaN would pass every comparison: the gate switched off
+    ("bleu=0.5:nan", "must be finite and ≥ 0"),
+    ("rougeL=inf", "must be finite and ≥ 0"),
+    ("bleu=-0.5", "must be finite and ≥ 0"),
+    ("blue=0.5", "unknown metric 'blue'"),
+])
+def test_tolerances_that_would_switch_the_gate_off_are_refused(spec, needle):
+    with pytest.raises(ConfigError) as e:
+        parse_tolerances(spec)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
+    if "unknown" in needle:
+        assert "bleu, rougeL, bertscore_f1" in msg  # lists the valid names

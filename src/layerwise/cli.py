@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 PROG = "layerwise"
@@ -47,7 +48,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     results = load_results(args.results)
     baseline = _load_baseline(args.baseline) if args.baseline else None
-    out = write_report(results, args.output, baseline=baseline)
+    out = write_report(results, args.output, baseline=baseline, baseline_name=args.baseline)
     print(f"layerwise: wrote {out}")
     return 0
 
@@ -88,34 +89,32 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
 
 # --------------------------------------------------------------------------- run
 
-_RUN_SKIP = {"report", "results-json", "baseline", "update-baseline", "tolerance"}
+#: The option scopes ``layerwise run`` takes: what to load, what to compute, where to write.
+RUN_SCOPES = ("model", "run", "output")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     import time
-    from pathlib import Path
 
+    from .config import from_options
     from .io import atomic_write_json
-    from .options import OPTIONS, _convert
+    from .options import read_namespace
+    from .preflight import preflight
     from .report import write_report
     from .runner import evaluate
-    from .session import _check_writable, build_run_config
-
-    opts = {o.name: (_convert(o, getattr(args, o.dest)) if getattr(args, o.dest, None) is not None else o.default)
-            for o in OPTIONS}
-    out, report = Path(args.output), Path(args.report) if args.report else None
-    _check_writable(out, "--output")
-    if report is not None:
-        _check_writable(report, "--report")
-    t0 = time.perf_counter()
-    results = evaluate(build_run_config(opts), log=lambda m: print(f"layerwise: {m}", file=sys.stderr, flush=True))
-    atomic_write_json(out, results)
-    print(f"layerwise: wrote {out}")
-    if report is not None:
-        write_report(results, report)
-        print(f"layerwise: wrote {report}")
     from .terminal import table_lines
 
+    settings = from_options(read_namespace(args), Path.cwd(), environ={})
+    out = settings.output
+    checked = preflight(settings, outputs={"--results-json": out.results, "--report": out.report})
+    t0 = time.perf_counter()
+    results = evaluate(settings.run, examples=checked.examples,
+                       log=lambda m: print(f"layerwise: {m}", file=sys.stderr, flush=True))
+    atomic_write_json(out.results, results)
+    print(f"layerwise: wrote {out.results}")
+    if out.report is not None:
+        write_report(results, out.report)
+        print(f"layerwise: wrote {out.report}")
     for line in table_lines(results):
         print(line)
     print(f"layerwise: done in {time.perf_counter() - t0:.1f} s")
@@ -123,24 +122,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def add_run(sub: argparse._SubParsersAction) -> None:
-    from .options import OPTIONS
+    from .options import declare
 
-    p = sub.add_parser("run", help="run the lens and early-exit evaluation on a model, write results (and report)",
+    p = sub.add_parser("run", help="run the lens and early-exit evaluation on a model, write results and report",
                        description="Evaluate a model without pytest: per-layer lens statistics, early-exit "
-                                   "generations for each exit layer and their scores, written as a results JSON.")
-    p.add_argument("-o", "--output", default="reports/results.json", metavar="RESULTS",
-                   help="results JSON to write (default: reports/results.json)")
-    p.add_argument("--report", metavar="HTML", help="also render the HTML report here")
-    for o in OPTIONS:
-        if o.name in _RUN_SKIP or o.name.endswith(("-max", "-min", "-gain")) or o.name == "check-bertscore":
-            continue
-        kwargs: dict[str, Any] = {"dest": o.dest, "default": None,
-                                  "help": o.help + ("" if o.default is None else f" (default: {o.default})")}
-        if o.kind != "bool":
-            kwargs["metavar"] = o.name.split("-")[-1].upper()
-        if o.kind == "bool":
-            kwargs["action"] = argparse.BooleanOptionalAction
-        p.add_argument(f"--{o.name}", **kwargs)
+                                   "generations for each exit layer and their scores, written as a results JSON "
+                                   "and an HTML report (the same options as the pytest plugin).")
+    p.add_argument("-o", "--output", dest="layerwise_results_json", metavar="RESULTS",
+                   help="results JSON to write (same as --results-json; default: reports/results.json)")
+    declare(p.add_argument, RUN_SCOPES, skip=("summary-md",))  # the digest reports a gate: pytest's
     p.set_defaults(func=_cmd_run)
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import DEFAULT_LIMIT, PROMPT_FORMATS
 from .errors import ConfigError, DataError
 
 __all__ = [
@@ -53,11 +54,6 @@ class Example:
 
 #: The packaged default prompts: 62 rows from the start of Alpaca-cleaned (see fixtures/README.md).
 DEFAULT_PROMPTS = importlib.resources.files("layerwise.fixtures") / "alpaca_cleaned_sample.jsonl"
-
-#: Rows used by default: the first 20 in file order, as the original study.
-DEFAULT_LIMIT = 20
-
-PROMPT_FORMATS = ("alpaca", "alpaca-stanford", "chat", "raw")
 
 _JSONL_SUFFIXES = (".jsonl", ".json")
 _CSV_SUFFIXES = (".csv",)

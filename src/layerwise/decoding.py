@@ -20,32 +20,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .archs import Adapter
-from .errors import ConfigError
+from .config import Decoding, default_exits, validate_exits
 from .lens import cache_kwarg, capture_hidden, position_ids_from_mask
-
-
-@dataclass
-class Decoding:
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 0
-
-    def validate(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}", "pass --max-new-tokens 1 or more")
-        if self.do_sample and not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0 when sampling, got {self.temperature!r}", "pass a positive --temperature")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}", "pass --top-p between 0 and 1")
-        if self.top_k is not None and self.top_k < 1:
-            raise ConfigError(f"top_k must be >= 1, got {self.top_k!r}", "pass a positive --top-k")
-
-    def describe(self) -> dict[str, Any]:
-        return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "temperature": self.temperature,
-                "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed}
 
 
 @dataclass
@@ -71,35 +47,6 @@ class ExitGenerations:
     # exit -> per prompt, entropy (nats) of the exit's own next-token distribution at each
     # generated position: lens statistics of the generated sequence, from the same pass
     entropies: dict[int, list[list[float]]] = field(default_factory=dict)
-
-
-def validate_exits(exits: Sequence[Any], num_layers: int) -> list[int]:
-    """Check user exit layers: integers in 1..L, no duplicates. Returns them sorted ascending."""
-    out: list[int] = []
-    for e in exits:
-        if isinstance(e, bool) or not isinstance(e, int):
-            try:
-                e_int = int(str(e).strip())
-            except ValueError:
-                raise ConfigError(f"exit layer {e!r} is not a whole number", f"pass layers between 1 and {num_layers}, e.g. --exit-layers 8,16,{num_layers}") from None
-        else:
-            e_int = e
-        if not 1 <= e_int <= num_layers:
-            raise ConfigError(
-                f"exit layer {e_int} is outside 1..{num_layers} (this model has {num_layers} blocks; layer k = output of block k)",
-                f"pass layers between 1 and {num_layers}",
-            )
-        if e_int in out:
-            raise ConfigError(f"exit layer {e_int} is given twice", "list each exit layer once")
-        out.append(e_int)
-    if not out:
-        raise ConfigError("no exit layers given", f"pass at least one layer between 1 and {num_layers}")
-    return sorted(out)
-
-
-def default_exits(num_layers: int) -> list[int]:
-    """ceil(q·L/4) for q = 1..4: 8/16/24/32 for 32 blocks, 8/15/23/30 for 30."""
-    return sorted({-(-q * num_layers // 4) for q in range(1, 5)})
 
 
 def eos_ids(bundle: Any) -> set[int]:

@@ -66,3 +66,5 @@ def read_json(path: str | os.PathLike[str], what: str, error: type[LayerwiseErro
         raise error(f"{what} {p} is not UTF-8 text", corrupt_fix) from None
     except json.JSONDecodeError as exc:
         raise error(f"{what} {p} is not valid JSON (line {exc.lineno}: {exc.msg})", corrupt_fix) from None
+    except RecursionError:
+        raise error(f"{what} {p} is nested too deeply to be a file layerwise wrote", corrupt_fix) from None

@@ -1,4 +1,7 @@
-"""The plugin's options, as one table: each is a command-line flag and an ini key (CLI wins).
+"""The options, as one table: each is a pytest flag, an ini key (CLI wins) and — for the scopes a
+subcommand takes — a ``layerwise`` command-line flag. :func:`declare` adds them to any
+argparse-like parser (pytest's option group or argparse itself); defaults and choices come from
+:mod:`layerwise.config`.
 
 Importing this module imports nothing heavy: ``pytest --help`` must not import torch.
 """
@@ -6,10 +9,17 @@ Importing this module imports nothing heavy: ``pytest --help`` must not import t
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
+from . import config as C
 from .errors import ConfigError
+
+#: model: what to load · run: what to compute · output: files written · gate: the baseline ·
+#: suite: the shipped suite and its thresholds.
+SCOPES = ("model", "run", "output", "gate", "suite")
 
 
 @dataclass(frozen=True)
@@ -17,8 +27,9 @@ class Option:
     name: str  # the flag without "--"; the ini key is "layerwise_" + name with "_" for "-"
     help: str
     default: Any = None
-    kind: str = "str"  # str | int | float | bool | list
+    kind: str = "str"  # str | path | int | float | bool | list
     choices: tuple[str, ...] | None = None
+    scope: str = "run"
 
     @property
     def dest(self) -> str:
@@ -28,61 +39,120 @@ class Option:
     def ini(self) -> str:
         return self.dest
 
+    def argparse_kwargs(self) -> dict[str, Any]:
+        default = "" if self.default is None else f" (default: {self.default})"
+        kwargs: dict[str, Any] = {"dest": self.dest, "default": None, "help": self.help + default}
+        if self.kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction  # --x / --no-x: the CLI can undo an ini "true"
+        else:
+            kwargs["metavar"] = {"path": "PATH", "int": "N", "float": "X", "list": "LIST"}.get(
+                self.kind, self.name.split("-")[-1].upper())
+        return kwargs
+
 
 OPTIONS: tuple[Option, ...] = (
+    # -- model: what to load
     Option("model", "causal LM to test: a Hugging Face id, a local folder, a .gguf file, or the built-in "
-           "'smollm2-135m' (default)", "smollm2-135m"),
+           f"'{C.DEFAULT_MODEL}' (default)", C.DEFAULT_MODEL, scope="model"),
+    Option("adapter", "a PEFT (LoRA) adapter — folder or hub id — applied on top of --model", scope="model"),
     Option("dtype", "weights dtype (auto = float32 on CPU, the checkpoint's dtype on GPU)", "auto",
-           choices=("auto", "float32", "bfloat16", "float16")),
-    Option("device", "cpu, cuda, cuda:N or auto", "auto"),
-    Option("revision", "hub revision (branch, tag or commit)"),
-    Option("trust-remote-code", "allow model code from the hub (off by default)", False, "bool"),
-    Option("device-map", "accelerate device map: 'auto', 'cpu', or a JSON object of module → device"),
-    Option("load-in-4bit", "quantize with bitsandbytes 4-bit", False, "bool"),
-    Option("load-in-8bit", "quantize with bitsandbytes 8-bit", False, "bool"),
-    Option("bnb-4bit-quant-type", "4-bit type", "nf4", choices=("nf4", "fp4")),
-    Option("bnb-4bit-compute-dtype", "4-bit compute dtype", "float32", choices=("float32", "bfloat16", "float16")),
-    Option("bnb-4bit-double-quant", "4-bit double quantization (--no-bnb-4bit-double-quant to turn it off)", True, "bool"),
+           choices=C.DTYPES, scope="model"),
+    Option("device", "cpu, cuda, cuda:N or auto", "auto", scope="model"),
+    Option("revision", "hub revision (branch, tag or commit)", scope="model"),
+    Option("token", "Hugging Face token for gated or private models (default: HF_TOKEN / the stored login); "
+           "never written to any output", scope="model"),
+    Option("cache-dir", "Hugging Face cache folder for downloaded models (default: HF_HOME's)", kind="path", scope="model"),
+    Option("attn-implementation", "attention implementation passed to from_pretrained (eager, sdpa, "
+           "flash_attention_2, …)", scope="model"),
+    Option("trust-remote-code", "allow model code from the hub (off by default)", False, "bool", scope="model"),
+    Option("device-map", "accelerate device map: " + ", ".join(C.DEVICE_MAP_NAMES) + ", or a JSON object of "
+           "module → device", scope="model"),
+    Option("load-in-4bit", "quantize with bitsandbytes 4-bit", False, "bool", scope="model"),
+    Option("load-in-8bit", "quantize with bitsandbytes 8-bit", False, "bool", scope="model"),
+    Option("bnb-4bit-quant-type", "4-bit type", "nf4", choices=C.QUANT_TYPES, scope="model"),
+    Option("bnb-4bit-compute-dtype", "4-bit compute dtype", "float32", choices=C.COMPUTE_DTYPES, scope="model"),
+    Option("bnb-4bit-double-quant", "4-bit double quantization (--no-bnb-4bit-double-quant to turn it off)", True,
+           "bool", scope="model"),
+    # -- run: what to compute
     Option("exit-layers", "comma-separated exit layers 1..L (layer k = output of block k); "
            "default ceil(q·L/4) for q = 1..4", None, "list"),
     Option("prompts", "prompts file: JSONL or CSV with instruction/input/output or prompt/reference "
-           "(default: the shipped 62-row Alpaca-cleaned sample)"),
-    Option("limit", "use the first N rows", 20, "int"),
-    Option("prompt-format", "how a row becomes a prompt", "alpaca", choices=("alpaca", "alpaca-stanford", "chat", "raw")),
-    Option("max-new-tokens", "tokens to generate per row and exit layer", 64, "int"),
+           "(default: the shipped 62-row Alpaca-cleaned sample)", kind="path"),
+    Option("limit", "use the first N rows", C.DEFAULT_LIMIT, "int"),
+    Option("prompt-format", "how a row becomes a prompt", "alpaca", choices=C.PROMPT_FORMATS),
+    Option("batch-size", "rows per forward / decode batch (lower it for a large model on a small GPU)",
+           C.DEFAULT_BATCH_SIZE, "int"),
+    Option("max-new-tokens", "tokens to generate per row and exit layer", C.DEFAULT_MAX_NEW_TOKENS, "int"),
     Option("do-sample", "sample instead of greedy decoding", False, "bool"),
     Option("temperature", "sampling temperature", 1.0, "float"),
     Option("top-k", "sampling top-k", None, "int"),
     Option("top-p", "sampling top-p", None, "float"),
     Option("seed", "seed for sampling", 0, "int"),
-    Option("teacher-forced-tokens", "reference tokens per row for the teacher-forced lens", 32, "int"),
+    Option("teacher-forced-tokens", "reference tokens per row for the teacher-forced lens",
+           C.DEFAULT_TEACHER_FORCED_TOKENS, "int"),
     Option("bertscore-model", "BERTScore model: 'default' (offline MiniLM), 'none', a hub name such as "
-           "roberta-large, or a local folder", "default"),
+           "roberta-large, or a local folder", C.DEFAULT_BERTSCORE),
+    Option("bertscore-num-layers", "which layer of the BERTScore model to compare (default: bert-score's tuned "
+           "layer for a table name, the last layer for a folder)", None, "int"),
     Option("drift-against", "a reference model (same tokenizer and depth): record per-layer KL(reference ‖ "
            "this model), e.g. the fp32 original of a quantized model"),
-    Option("report", "HTML report path", "reports/report.html"),
-    Option("results-json", "results JSON path", "reports/results.json"),
-    Option("baseline", "baseline JSON to compare with (default for smollm2-135m: the shipped one)"),
-    Option("update-baseline", "write the baseline (to --baseline) from this run instead of comparing", False, "bool"),
-    Option("tolerance", "baseline tolerances, e.g. 'bleu=0.5:0.1,rougeL=0.01:0.05' (metric=abs:rel)"),
-    # Thresholds of the shipped layer suite (chosen from measurements: see layer_tests/README.md).
+    # -- output: files written
+    Option("report", "HTML report path", C.DEFAULT_REPORT, "path", scope="output"),
+    Option("results-json", "results JSON path", C.DEFAULT_RESULTS, "path", scope="output"),
+    Option("summary-md", "write a Markdown digest (verdict, exit table, failures) here; default: append to "
+           "$GITHUB_STEP_SUMMARY when that is set", kind="path", scope="output"),
+    # -- gate: the baseline
+    Option("baseline", "baseline JSON to compare with (default: baselines/<model>.json in the rootdir if it "
+           f"exists; for {C.DEFAULT_MODEL}, the shipped one)", kind="path", scope="gate"),
+    Option("update-baseline", "write the baseline from this run instead of comparing (to --baseline, default "
+           "baselines/<model>.json in the rootdir)", False, "bool", scope="gate"),
+    Option("require-baseline", "fail (exit 1) when the run is not gated: no baseline, a refused one, or one "
+           "being updated", False, "bool", scope="gate"),
+    Option("tolerance", "baseline tolerances, e.g. 'bleu=0.5:0.1,rougeL=0.01:0.05' (metric=abs:rel)", scope="gate"),
+    # -- suite: the shipped suite and its thresholds (chosen from measurements: layer_tests/README.md)
+    Option("layer-suite", "run the shipped layer suite alongside your tests when --model or layerwise_model "
+           "is given (--no-layer-suite leaves it out)", True, "bool", scope="suite"),
     Option("entropy-trend-max", "Spearman ρ(depth, teacher-forced entropy) over the first three quarters "
-           "of the layers must be ≤ this", -0.5, "float"),
+           "of the layers must be ≤ this", -0.5, "float", scope="suite"),
     Option("final-entropy-max", "mean teacher-forced entropy at layer L must be ≤ this fraction of ln(V)",
-           0.5, "float"),
-    Option("kl-trend-max", "Spearman ρ(depth, KL to final) over the last third of the layers must be ≤ this", -0.8, "float"),
-    Option("agreement-trend-min", "Spearman ρ(depth, top-1 agreement with final) must be ≥ this", 0.8, "float"),
-    Option("min-rouge-gain", "the final exit's ROUGE-L must beat every earlier exit's by this much", 0.05, "float"),
-    Option("min-bleu-gain", "the final exit's BLEU must beat every earlier exit's by this many points", 1.0, "float"),
-    Option("check-bertscore", "also require BERTScore F1 to be highest at the final exit", False, "bool"),
+           0.5, "float", scope="suite"),
+    Option("kl-trend-max", "Spearman ρ(depth, KL to final) over the last third of the layers must be ≤ this",
+           -0.8, "float", scope="suite"),
+    Option("agreement-trend-min", "Spearman ρ(depth, top-1 agreement with final) must be ≥ this", 0.8, "float",
+           scope="suite"),
+    Option("min-rouge-gain", "the final exit's ROUGE-L must beat every earlier exit's by this much", 0.05, "float",
+           scope="suite"),
+    Option("min-bleu-gain", "the final exit's BLEU must beat every earlier exit's by this many points", 1.0, "float",
+           scope="suite"),
+    Option("check-bertscore", "also require BERTScore F1 to be highest at the final exit", False, "bool",
+           scope="suite"),
 )
 
-BY_DEST = {o.dest: o for o in OPTIONS}
+BY_NAME = {o.name: o for o in OPTIONS}
 
 
-def _convert(opt: Option, raw: Any) -> Any:
+def declare(add_argument: Callable[..., Any], scopes: Iterable[str] = SCOPES, skip: Iterable[str] = ()) -> None:
+    """Add the options of ``scopes`` (but not those named in ``skip``) with ``add_argument``
+    (argparse's, or pytest's ``addoption``)."""
+    wanted, unwanted = set(scopes), set(skip)
+    for o in OPTIONS:
+        if o.scope in wanted and o.name not in unwanted:
+            add_argument(f"--{o.name}", **o.argparse_kwargs())
+
+
+def add_pytest_options(parser: Any) -> None:
+    group = parser.getgroup("layerwise", "layerwise: per-layer (logit lens) and early-exit tests of causal LMs")
+    declare(group.addoption)
+    for o in OPTIONS:
+        default = "" if o.default is None else f" (default: {o.default})"
+        parser.addini(o.ini, help=o.help + default, type="string", default=None)
+
+
+def convert(opt: Option, raw: Any, base: Path | None = None) -> Any:
+    """One raw option value (a CLI string or ini string) → its typed value; ConfigError naming it."""
     if raw is None:
         return None
+    where = f"--{opt.name} / {opt.ini}"
     if opt.kind == "bool":
         if isinstance(raw, bool):
             return raw
@@ -91,8 +161,7 @@ def _convert(opt: Option, raw: Any) -> Any:
             return True
         if s in ("0", "false", "no", "off", ""):
             return False
-        raise ConfigError(f"--{opt.name} / {opt.ini}: {raw!r} is not true or false", "use true or false")
-    where = f"--{opt.name} / {opt.ini}"
+        raise ConfigError(f"{where}: {raw!r} is not true or false", "use true or false")
     if opt.kind == "list":
         items = [x.strip() for x in str(raw).replace(" ", ",").split(",") if x.strip()]
         out = []
@@ -102,10 +171,16 @@ def _convert(opt: Option, raw: Any) -> Any:
             except ValueError:
                 raise ConfigError(f"{where}: {x!r} is not a whole number", "pass layers like 8,16,24,32") from None
         return out
+    if opt.kind == "path":
+        s = str(raw)
+        if not s.strip():
+            raise ConfigError(f"{where} is empty", "pass a file path")
+        p = Path(os.path.expanduser(s))
+        return p if p.is_absolute() or base is None else base / p
     conv: Callable[[Any], Any] = {"int": int, "float": float, "str": str}[opt.kind]
     try:
         value = conv(str(raw).strip() if opt.kind != "str" else raw)
-    except ValueError:
+    except (ValueError, OverflowError):
         kind = {"int": "whole number", "float": "number"}.get(opt.kind, opt.kind)
         raise ConfigError(f"{where}: {raw!r} is not a {kind}", f"pass a {kind}") from None
     if opt.choices and value not in opt.choices:
@@ -113,50 +188,37 @@ def _convert(opt: Option, raw: Any) -> Any:
     return value
 
 
-def add_options(parser: Any) -> None:
-    group = parser.getgroup("layerwise", "layerwise: per-layer (logit lens) and early-exit tests of causal LMs")
-    for o in OPTIONS:
-        kwargs: dict[str, Any] = {"dest": o.dest, "default": None}
-        if o.kind == "bool":
-            kwargs["action"] = argparse.BooleanOptionalAction  # --x / --no-x: the CLI can undo an ini "true"
-        else:
-            kwargs["metavar"] = o.name.split("-")[-1].upper() if o.kind == "str" else o.kind.upper()
-        default = "" if o.default is None else f" (default: {o.default})"
-        group.addoption(f"--{o.name}", help=o.help + default, **kwargs)
-        parser.addini(o.ini, help=o.help + default, type="string", default=None)
+def read_pytest_options(config: Any) -> tuple[dict[str, Any], set[str]]:
+    """All option values (CLI over ini over default), converted; and the names set explicitly.
 
-
-def read_options(config: Any) -> dict[str, Any]:
-    """All option values, CLI over ini over default, converted and validated."""
+    A relative path on the command line is taken from the invocation folder, one in the ini file
+    from the ini file's folder (as pytest does for its own path options).
+    """
     out: dict[str, Any] = {}
+    given: set[str] = set()
+    cli_base = Path(config.invocation_params.dir)
+    inipath = getattr(config, "inipath", None)
+    ini_base = Path(inipath).parent if inipath else Path(config.rootpath)
     for o in OPTIONS:
         cli = config.getoption(o.dest, default=None)
         if cli is not None:
-            out[o.name] = _convert(o, cli)
+            out[o.name] = convert(o, cli, cli_base)
+            given.add(o.name)
             continue
         try:
             ini = config.getini(o.ini)
         except (ValueError, KeyError):
             ini = None
         if ini not in (None, "", []):
-            out[o.name] = _convert(o, ini)
+            out[o.name] = convert(o, ini, ini_base)
+            given.add(o.name)
         else:
             out[o.name] = o.default
-    return out
+    return out, given
 
 
-def parse_tolerances(spec: str | None) -> dict[str, tuple[float, float]]:
-    if not spec:
-        return {}
-    out: dict[str, tuple[float, float]] = {}
-    for part in str(spec).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            name, vals = part.split("=", 1)
-            a, _, r = vals.partition(":")
-            out[name.strip()] = (float(a), float(r or 0.0))
-        except ValueError:
-            raise ConfigError(f"--tolerance: cannot read {part!r}", "write metric=abs:rel, e.g. rougeL=0.01:0.05") from None
-    return out
+def read_namespace(ns: argparse.Namespace, base: Path | None = None) -> dict[str, Any]:
+    """Option values from an argparse namespace built with :func:`declare` (absent scopes: defaults)."""
+    base = base or Path.cwd()
+    return {o.name: (convert(o, getattr(ns, o.dest), base) if getattr(ns, o.dest, None) is not None else o.default)
+            for o in OPTIONS}

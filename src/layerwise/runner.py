@@ -13,56 +13,33 @@ import datetime as _dt
 import math
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from .decoding import Decoding
+from .config import RunConfig
 from .errors import ConfigError
-from .models import DEFAULT_MODEL, ModelBundle, Quantization
+from .models import ModelBundle
 from .results import SCHEMA, SCHEMA_VERSION
 
 Log = Callable[[str], None]
 
 
-@dataclass
-class RunConfig:
-    model: str = DEFAULT_MODEL
-    dtype: str = "auto"
-    device: str = "auto"
-    revision: str | None = None
-    trust_remote_code: bool = False
-    quantization: Quantization | None = None
-    device_map: str | dict[str, Any] | None = None
-    exit_layers: list[int] | None = None  # None: ceil(q·L/4), q = 1..4
-    prompts: str | None = None  # None: the packaged Alpaca-cleaned sample
-    limit: int | None = 20
-    prompt_format: str = "alpaca"
-    decoding: Decoding = field(default_factory=Decoding)
-    bertscore_model: str | None = "default"
-    teacher_forced_tokens: int = 32
-    lens_top_k: int = 10
-    examples: int = 3
-    batch_size: int = 20
-    raw_lens: bool = True
-    drift_against: str | None = None  # a reference model: per-layer KL(reference ‖ this model)
+def _environment(bundle: ModelBundle) -> dict[str, Any]:
+    """Where the numbers were made (the baseline records it; a difference is a warning)."""
+    import torch
 
-    def validate(self) -> None:
-        self.decoding.validate()
-        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
-            raise ConfigError(f"limit must be a positive number of rows, got {self.limit!r}", "pass --limit 1 or more")
-        if self.teacher_forced_tokens < 1:
-            raise ConfigError("teacher_forced_tokens must be >= 1", "pass a positive number")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}", "pass a positive batch size")
+    dev = bundle.device
+    gpu = torch.cuda.get_device_name(dev) if getattr(dev, "type", None) == "cuda" else None
+    return {"device": str(dev), "gpu": gpu, "platform": platform.machine()}
 
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for dist, key in (("pytest-layerwise", "layerwise"), ("torch", "torch"), ("transformers", "transformers"),
                       ("sacrebleu", "sacrebleu"), ("rouge-score", "rouge_score"), ("bert-score", "bert_score"),
-                      ("bitsandbytes", "bitsandbytes"), ("accelerate", "accelerate")):
+                      ("bitsandbytes", "bitsandbytes"), ("accelerate", "accelerate"), ("peft", "peft")):
         try:
             out[key] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -228,8 +205,12 @@ def run_sweep(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[li
                  grid_inputs=grid_inputs, tokens=gen_tokens, entropies=gen_entropy, lens_s=lens_s, gen_s=gen_s)
 
 
-def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | None = None) -> dict[str, Any]:
-    """Run the whole evaluation and return the results dict (not yet written anywhere)."""
+def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | None = None,
+             examples: list[Any] | None = None) -> dict[str, Any]:
+    """Run the whole evaluation and return the results dict (not yet written anywhere).
+
+    ``examples``: the prompt rows if the caller already read them (preflight), else read here.
+    """
 
     from .data import default_prompts_path, file_sha256, format_prompt, load_examples
     from .decoding import default_exits, validate_exits
@@ -242,19 +223,16 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
     timing: dict[str, Any] = {"started": started}
 
     data_path = Path(config.prompts) if config.prompts else default_prompts_path()
-    examples = load_examples(data_path, config.limit)
-    scorer = Scorer(bertscore_model=config.bertscore_model)
+    if examples is None:
+        examples = load_examples(data_path, config.limit)
+    scorer = Scorer(bertscore_model=config.bertscore_model, bertscore_num_layers=config.bertscore_num_layers)
 
     t0 = time.perf_counter()
     if bundle is None:
         from .models import load_model
 
         say(f"loading model {config.model} …")
-        bundle = load_model(
-            config.model, dtype=config.dtype, device=config.device, revision=config.revision,
-            trust_remote_code=config.trust_remote_code, quantization=config.quantization,
-            device_map=config.device_map,
-        )
+        bundle = load_model(config.model, **config.load_config().kwargs())
     timing["load_s"] = round(time.perf_counter() - t0, 3)
     model, tok, adapter = bundle.model, bundle.tokenizer, bundle.adapter
     L = adapter.num_layers
@@ -313,7 +291,8 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
         say(f"layer drift against {config.drift_against} …")
         t4 = time.perf_counter()
         ref_bundle = load_model(config.drift_against, dtype=config.dtype, device=config.device,
-                                revision=config.revision, trust_remote_code=config.trust_remote_code)
+                                revision=config.revision, trust_remote_code=config.trust_remote_code,
+                                token=config.token, cache_dir=config.cache_dir)
         drift = layer_drift(ref_bundle, bundle, prompt_ids, ref_ids)
         drift["against"] = config.drift_against
         drift["label"] = f"KL({config.drift_against} ‖ this model) per layer"
@@ -373,6 +352,7 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
             "lens": {"final_norm": True, "teacher_forced_tokens": N, "top_k": config.lens_top_k},
             "metrics": scorer.describe(),
             "versions": _versions(),
+            "environment": _environment(bundle),
         },
         "layers": list(range(L + 1)),
         "lens": lens,

@@ -1,0 +1,442 @@
+"""Every setting of a run — its default, its choices and its validation — in one torch-free room.
+
+The option table (:mod:`layerwise.options`) reads its defaults and choices from here; the pytest
+session and the ``layerwise`` command both turn option values into these dataclasses through
+:func:`resolve`, so a setting is declared once and checked once, before anything heavy loads.
+Checks that need the model (exit layers against its depth, prompts against its context) are the
+functions here too (:func:`validate_exits`), called by the engine once the model is known.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")  # and cuda:N
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+PROMPT_FORMATS = ("alpaca", "alpaca-stanford", "chat", "raw")
+DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")
+
+DEFAULT_LIMIT = 20
+DEFAULT_MAX_NEW_TOKENS = 64
+DEFAULT_TEACHER_FORCED_TOKENS = 32
+DEFAULT_BATCH_SIZE = 20
+DEFAULT_BERTSCORE = "default"
+DEFAULT_REPORT = "reports/report.html"
+DEFAULT_RESULTS = "reports/results.json"
+#: Where a project keeps its baselines when ``--baseline`` is not given (relative to the rootdir).
+PROJECT_BASELINES = "baselines"
+SEED_MAX = 2**64 - 1
+
+# Gate tolerances: a number passes when it is within max(abs, rel × |baseline|). Greedy CPU runs
+# are bit-for-bit repeatable (measured spread: 0), so these are not noise margins: they are the
+# smallest changes worth failing a pull request over, chosen so that a dtype change (float32 →
+# bfloat16) or a perturbed block fails while a rerun passes — measurements in tests/test_gate.py.
+DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
+    "bleu": (0.5, 0.10),
+    "rougeL": (0.01, 0.05),
+    "bertscore_f1": (0.01, 0.02),
+    "entropy": (0.05, 0.05),
+    "kl_to_final": (0.05, 0.05),
+    "xent": (0.05, 0.02),
+    "top1_agree": (0.03, 0.0),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The dataclasses
+
+
+@dataclass
+class Quantization:
+    """bitsandbytes settings (``method`` is ``"4bit"`` or ``"8bit"``)."""
+
+    method: str
+    quant_type: str = "nf4"
+    compute_dtype: str = "float32"
+    double_quant: bool = True
+
+    def validate(self) -> None:
+        if self.method not in ("4bit", "8bit"):
+            raise ConfigError(f"unknown quantization {self.method!r}", "use --load-in-4bit or --load-in-8bit")
+        if self.quant_type not in QUANT_TYPES:
+            raise ConfigError(f"unknown 4-bit quant type {self.quant_type!r}", f"use one of {', '.join(QUANT_TYPES)}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"unknown 4-bit compute dtype {self.compute_dtype!r}", f"use one of {', '.join(COMPUTE_DTYPES)}")
+
+    def describe(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"method": f"bitsandbytes-{self.method}"}
+        if self.method == "4bit":
+            d.update(quant_type=self.quant_type, compute_dtype=self.compute_dtype, double_quant=self.double_quant)
+        return d
+
+
+@dataclass
+class Decoding:
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens!r}", "pass a positive number")
+        t = self.temperature
+        if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ConfigError(f"--temperature must be a finite number > 0, got {t!r}", "pass e.g. --temperature 0.7")
+        if self.top_p is not None and not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p!r}", "pass --top-p between 0 and 1")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"--top-k must be at least 1, got {self.top_k!r}", "pass a positive --top-k")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= SEED_MAX:
+            raise ConfigError(f"--seed must be a whole number in 0..2**64-1, got {self.seed!r}", "pass a smaller non-negative seed")
+
+    def describe(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "temperature": self.temperature,
+                "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed}
+
+
+@dataclass
+class LoadConfig:
+    """What to load and how: the arguments of :func:`layerwise.models.load_model`."""
+
+    model: str = DEFAULT_MODEL
+    dtype: str = "auto"
+    device: str = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    quantization: Quantization | None = None
+    device_map: str | dict[str, Any] | None = None
+    adapter: str | None = None  # a PEFT adapter folder or hub id applied on top of ``model``
+    token: str | None = None  # never recorded anywhere
+    attn_implementation: str | None = None
+    cache_dir: str | None = None
+
+    def validate(self) -> None:
+        if not self.model or not str(self.model).strip():
+            raise ConfigError("empty model spec", "pass --model with a hub id, a folder or a .gguf file")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
+        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", str(self.device)):
+            raise ConfigError(f"unknown device {self.device!r}", "use cpu, cuda, cuda:N or auto")
+        if self.quantization is not None:
+            self.quantization.validate()
+        self.device_map = parse_device_map(self.device_map)
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`layerwise.models.load_model` (besides the spec)."""
+        return {"dtype": self.dtype, "device": self.device, "revision": self.revision,
+                "trust_remote_code": self.trust_remote_code, "quantization": self.quantization,
+                "device_map": self.device_map, "adapter": self.adapter, "token": self.token,
+                "attn_implementation": self.attn_implementation, "cache_dir": self.cache_dir}
+
+
+@dataclass
+class RunConfig(LoadConfig):
+    """One evaluation: what to load (the :class:`LoadConfig` fields) and what to compute."""
+
+    exit_layers: list[int] | None = None  # None: ceil(q·L/4), q = 1..4
+    prompts: str | None = None  # None: the packaged Alpaca-cleaned sample
+    limit: int | None = DEFAULT_LIMIT
+    prompt_format: str = "alpaca"
+    decoding: Decoding = field(default_factory=Decoding)
+    bertscore_model: str | None = DEFAULT_BERTSCORE
+    bertscore_num_layers: int | None = None
+    teacher_forced_tokens: int = DEFAULT_TEACHER_FORCED_TOKENS
+    lens_top_k: int = 10
+    examples: int = 3
+    batch_size: int = DEFAULT_BATCH_SIZE
+    raw_lens: bool = True
+    drift_against: str | None = None  # a reference model: per-layer KL(reference ‖ this model)
+
+    def validate(self) -> None:
+        super().validate()
+        self.decoding.validate()
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
+            raise ConfigError(f"--limit must be at least 1, got {self.limit!r}", "pass a positive number of rows")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ConfigError(f"unknown prompt format {self.prompt_format!r}", "use one of: " + ", ".join(PROMPT_FORMATS))
+        if isinstance(self.teacher_forced_tokens, bool) or not isinstance(self.teacher_forced_tokens, int) or self.teacher_forced_tokens < 1:
+            raise ConfigError(f"--teacher-forced-tokens must be at least 1, got {self.teacher_forced_tokens!r}", "pass a positive number")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size!r}", "pass a positive number of rows per batch")
+        if self.exit_layers is not None:
+            check_exit_syntax(self.exit_layers)
+        if self.bertscore_num_layers is not None and self.bertscore_num_layers < 1:
+            raise ConfigError(f"--bertscore-num-layers must be at least 1, got {self.bertscore_num_layers}",
+                              "pass a layer number of the BERTScore model, or leave it out")
+
+    def load_config(self) -> LoadConfig:
+        return LoadConfig(**{f: getattr(self, f) for f in LoadConfig.__dataclass_fields__})
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks shared by the option parser and the engine
+
+
+def parse_device_map(value: Any) -> str | dict[str, Any] | None:
+    """``None``, one of :data:`DEVICE_MAP_NAMES`, or a JSON object of module name → device."""
+    if value is None or isinstance(value, dict):
+        if isinstance(value, dict):
+            _check_device_map_dict(value)
+        return value
+    s = str(value).strip()
+    if not s:
+        return None
+    if s.startswith(("{", "[")) or s[0].isdigit() or s in ("null", "true", "false"):
+        try:
+            parsed = json.loads(s)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--device-map is not valid JSON ({exc.msg})", "pass 'auto' or a JSON object such as '{\"\": \"cpu\"}'") from None
+        if not isinstance(parsed, dict):
+            raise ConfigError(f"--device-map {s} is a JSON {type(parsed).__name__}, not an object",
+                              "pass 'auto' or a JSON object mapping module names to devices, e.g. '{\"\": \"cpu\"}'")
+        _check_device_map_dict(parsed)
+        return parsed
+    if s not in DEVICE_MAP_NAMES:
+        raise ConfigError(f"--device-map {s!r} is not one of {', '.join(DEVICE_MAP_NAMES)} nor a JSON object",
+                          "pass 'auto' or a JSON object mapping module names to devices")
+    return s
+
+
+def _check_device_map_dict(d: dict[str, Any]) -> None:
+    for k, v in d.items():
+        ok = (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (
+            isinstance(v, str) and (v in ("cpu", "disk", "meta", "cuda", "mps") or re.fullmatch(r"cuda:\d+", v)))
+        if not isinstance(k, str) or not ok:
+            raise ConfigError(f"--device-map entry {k!r}: {v!r} is not a device",
+                              "map module names to 'cpu', 'disk', 'cuda:N' or a GPU number")
+
+
+def check_exit_syntax(exits: Sequence[Any]) -> None:
+    """What can be said of exit layers without the model: whole numbers ≥ 1, each once."""
+    if not exits:
+        raise ConfigError("--exit-layers is empty", "pass layers like 8,16,24,32")
+    for x in exits:
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise ConfigError(f"exit layer {x!r} is not a whole number", "pass layers like 8,16,24,32")
+        if x < 1:
+            raise ConfigError(f"exit layer {x} is not a block output (layers are 1..L; layer k = output of block k)",
+                              "pass layers between 1 and the model's number of blocks")
+    dup = sorted({x for x in exits if list(exits).count(x) > 1})
+    if dup:
+        raise ConfigError(f"exit layer {dup[0]} is given twice", "list each exit layer once")
+
+
+def validate_exits(exits: Sequence[Any], num_layers: int) -> list[int]:
+    """Exit layers against the model's depth: integers in 1..L, no duplicates; sorted ascending."""
+    out: list[int] = []
+    for e in exits:
+        if isinstance(e, bool) or not isinstance(e, int):
+            try:
+                e_int = int(str(e).strip())
+            except ValueError:
+                raise ConfigError(f"exit layer {e!r} is not a whole number",
+                                  f"pass layers between 1 and {num_layers}, e.g. --exit-layers 8,16,{num_layers}") from None
+        else:
+            e_int = e
+        if not 1 <= e_int <= num_layers:
+            raise ConfigError(
+                f"exit layer {e_int} is outside 1..{num_layers} (this model has {num_layers} blocks; layer k = output of block k)",
+                f"pass layers between 1 and {num_layers}",
+            )
+        if e_int in out:
+            raise ConfigError(f"exit layer {e_int} is given twice", "list each exit layer once")
+        out.append(e_int)
+    if not out:
+        raise ConfigError("no exit layers given", f"pass at least one layer between 1 and {num_layers}")
+    return sorted(out)
+
+
+def default_exits(num_layers: int) -> list[int]:
+    """ceil(q·L/4) for q = 1..4: 8/16/24/32 for 32 blocks, 8/15/23/30 for 30."""
+    return sorted({-(-q * num_layers // 4) for q in range(1, 5)})
+
+
+def parse_tolerances(spec: str | None) -> dict[str, tuple[float, float]]:
+    """``metric=abs[:rel],…`` → {metric: (abs, rel)}; finite, ≥ 0, known metric names only."""
+    if not spec:
+        return {}
+    known = ", ".join(DEFAULT_TOLERANCES)
+    out: dict[str, tuple[float, float]] = {}
+    for part in str(spec).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, eq, vals = part.partition("=")
+        name = name.strip()
+        if not eq:
+            raise ConfigError(f"--tolerance: cannot read {part!r}", "write metric=abs:rel, e.g. rougeL=0.01:0.05")
+        if name not in DEFAULT_TOLERANCES:
+            raise ConfigError(f"--tolerance: unknown metric {name!r}", f"use one of {known}")
+        a, _, r = vals.partition(":")
+        try:
+            pair = (float(a), float(r) if r.strip() else 0.0)
+        except ValueError:
+            raise ConfigError(f"--tolerance: cannot read {part!r}", "write metric=abs:rel, e.g. rougeL=0.01:0.05") from None
+        if not all(math.isfinite(x) and x >= 0 for x in pair):
+            raise ConfigError(f"--tolerance {name}: {vals!r} must be finite and ≥ 0",
+                              "a tolerance is a margin: pass non-negative numbers, e.g. rougeL=0.01:0.05")
+        out[name] = pair
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Option values → settings
+
+
+@dataclass
+class GateConfig:
+    """The baseline: where it is, where it came from, and how it is used."""
+
+    baseline: Path | None = None
+    source: str | None = None  # "option" (--baseline / ini), "project" (baselines/<model>.json), "shipped"
+    update: bool = False
+    require: bool = False
+    tolerances: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+@dataclass
+class OutputConfig:
+    report: Path | None
+    results: Path
+    summary_md: Path | None = None
+    summary_append: bool = False  # $GITHUB_STEP_SUMMARY is shared by a job's steps: append, never replace
+
+
+@dataclass
+class Settings:
+    """Everything one run of the plugin or the command line was asked to do."""
+
+    run: RunConfig
+    gate: GateConfig
+    output: OutputConfig
+    thresholds: dict[str, Any]
+    layer_suite: bool = True
+    values: dict[str, Any] = field(default_factory=dict)  # every option value, by option name
+
+
+THRESHOLDS = ("entropy-trend-max", "final-entropy-max", "kl-trend-max", "agreement-trend-min", "min-rouge-gain",
+              "min-bleu-gain", "check-bertscore")
+
+
+def model_slug(model: str, quantization: Quantization | None = None) -> str:
+    """A file name for a model's baseline: ``meta-llama/Llama-2-7b-hf`` → ``meta-llama--Llama-2-7b-hf``."""
+    s = str(model).strip().rstrip("/\\")
+    if s.startswith(("/", "./", "../", "~")) or s.endswith(".gguf"):
+        s = Path(s).name
+        if s.endswith(".gguf"):
+            s = s[: -len(".gguf")]
+    s = re.sub(r"[^A-Za-z0-9._-]+", "--", s.replace("/", "--")).strip(".-") or "model"
+    if quantization is not None:
+        s += f"-{quantization.method}" + (f"-{quantization.quant_type}" if quantization.method == "4bit" else "")
+    return s
+
+
+DEFAULT_BASELINES = {DEFAULT_MODEL: "smollm2-135m.json"}
+
+
+def shipped_baseline(model: str) -> Path | None:
+    """The baseline shipped inside the package for the default model (read-only), if any."""
+    name = DEFAULT_BASELINES.get(model)
+    if name is None:
+        return None
+    from importlib.resources import files
+
+    return Path(str(files("layerwise.fixtures").joinpath("baselines", name)))
+
+
+def package_folders() -> list[Path]:
+    """The installed ``layerwise`` package and its data folders: never written to."""
+    from importlib.resources import files
+
+    out = [Path(__file__).resolve().parent]
+    for sub in ("fixtures", "templates", "layer_tests"):
+        try:
+            out.append(Path(str(files(f"layerwise.{sub}"))).resolve())
+        except (ModuleNotFoundError, TypeError):
+            pass
+    return out
+
+
+def _abs(p: Any, base: Path) -> Path | None:
+    if p is None:
+        return None
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else base / q
+
+
+def _opt_str(v: Any) -> str | None:
+    return None if v is None or not str(v).strip() else str(v)
+
+
+def from_options(values: dict[str, Any], base: Path, project_root: Path | None = None,
+                 environ: dict[str, str] | None = None) -> Settings:
+    """Option values (by option name, see :data:`layerwise.options.OPTIONS`) → validated settings.
+
+    ``base`` resolves relative paths of defaults; ``project_root`` is where ``baselines/`` lives.
+    Nothing is read or written here; :mod:`layerwise.preflight` checks files.
+    """
+    import os
+
+    o = values
+    env = os.environ if environ is None else environ
+    if o["load-in-4bit"] and o["load-in-8bit"]:
+        raise ConfigError("--load-in-4bit and --load-in-8bit both given", "choose one")
+    quant = None
+    if o["load-in-4bit"]:
+        quant = Quantization("4bit", o["bnb-4bit-quant-type"], o["bnb-4bit-compute-dtype"], o["bnb-4bit-double-quant"])
+    elif o["load-in-8bit"]:
+        quant = Quantization("8bit")
+    model = str(o["model"]).strip() if o["model"] is not None else ""
+    if model.startswith("~"):
+        model = os.path.expanduser(model)
+    bert = o["bertscore-model"]
+    prompts = _abs(o["prompts"], base)
+    run = RunConfig(
+        model=model, dtype=o["dtype"], device=o["device"], revision=_opt_str(o["revision"]),
+        trust_remote_code=o["trust-remote-code"], quantization=quant, device_map=o["device-map"],
+        adapter=_opt_str(o["adapter"]), token=_opt_str(o["token"]), attn_implementation=_opt_str(o["attn-implementation"]),
+        cache_dir=str(_abs(o["cache-dir"], base)) if o["cache-dir"] else None,
+        exit_layers=o["exit-layers"], prompts=str(prompts) if prompts else None,
+        limit=o["limit"], prompt_format=o["prompt-format"], batch_size=o["batch-size"],
+        decoding=Decoding(max_new_tokens=o["max-new-tokens"], do_sample=o["do-sample"], temperature=o["temperature"],
+                          top_k=o["top-k"], top_p=o["top-p"], seed=o["seed"]),
+        bertscore_model=None if bert is None or str(bert).strip().lower() == "none" else os.path.expanduser(str(bert)),
+        bertscore_num_layers=o["bertscore-num-layers"],
+        teacher_forced_tokens=o["teacher-forced-tokens"], drift_against=_opt_str(o["drift-against"]),
+    )
+    run.validate()
+
+    gate = GateConfig(update=bool(o["update-baseline"]), require=bool(o["require-baseline"]),
+                      tolerances=parse_tolerances(o["tolerance"]))
+    root = project_root or base
+    if o["baseline"] is not None:
+        gate.baseline, gate.source = _abs(o["baseline"], base), "option"
+    else:
+        project = root / PROJECT_BASELINES / f"{model_slug(model, quant)}.json"
+        shipped = shipped_baseline(model)
+        if gate.update or project.is_file() or shipped is None:
+            gate.baseline, gate.source = project, "project"
+        else:
+            gate.baseline, gate.source = shipped, "shipped"
+
+    summary = _abs(o["summary-md"], base)
+    append = False
+    if summary is None and env.get("GITHUB_STEP_SUMMARY"):
+        summary, append = Path(env["GITHUB_STEP_SUMMARY"]), True
+    output = OutputConfig(report=_abs(o["report"], base), results=_abs(o["results-json"], base),  # type: ignore[arg-type]
+                          summary_md=summary, summary_append=append)
+    return Settings(run=run, gate=gate, output=output, thresholds={k: o[k] for k in THRESHOLDS},
+                    layer_suite=bool(o["layer-suite"]), values=dict(o))
