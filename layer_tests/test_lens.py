@@ -8,17 +8,14 @@ before the unembedding, and layer L is the model's own output. Thresholds are op
 from layerwise import checks
 
 
-def test_entropy_falls_with_depth(layerwise_results, layerwise_settings):
-    problems = checks.entropy_trend(layerwise_results, layerwise_settings["entropy-trend-max"],
-                                    layerwise_settings["final-entropy-max"])
-    assert not problems, "\n".join(problems)
+def test_entropy_falls_with_depth(layerwise_check, layerwise_results, layerwise_settings):
+    layerwise_check(checks.entropy_trend(layerwise_results, layerwise_settings["entropy-trend-max"],
+                                         layerwise_settings["final-entropy-max"]))
 
 
-def test_kl_to_final_falls_with_depth_and_is_zero_at_L(layerwise_results, layerwise_settings):
-    problems = checks.kl_trend(layerwise_results, layerwise_settings["kl-trend-max"])
-    assert not problems, "\n".join(problems)
+def test_kl_to_final_falls_with_depth_and_is_zero_at_L(layerwise_check, layerwise_results, layerwise_settings):
+    layerwise_check(checks.kl_trend(layerwise_results, layerwise_settings["kl-trend-max"]))
 
 
-def test_top1_agreement_with_final_rises_with_depth(layerwise_results, layerwise_settings):
-    problems = checks.agreement_trend(layerwise_results, layerwise_settings["agreement-trend-min"])
-    assert not problems, "\n".join(problems)
+def test_top1_agreement_with_final_rises_with_depth(layerwise_check, layerwise_results, layerwise_settings):
+    layerwise_check(checks.agreement_trend(layerwise_results, layerwise_settings["agreement-trend-min"]))

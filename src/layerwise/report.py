@@ -390,11 +390,21 @@ def _check(results: Any, what: str) -> None:
     validate_results(results, what)
 
 
-def _baseline_label(baseline: dict) -> str:
-    m = ((baseline.get("run") or {}).get("model")) or {}
-    parts = [str(x) for x in (m.get("name") or m.get("spec"), baseline.get("created"),
-                              (baseline.get("timing") or {}).get("started")) if x]
-    return " — ".join(parts) if parts else "baseline file"
+def _baseline_label(baseline: dict, name: str | None) -> str:
+    """``b.json (model, 2026-11-29T07:00:00+00:00)``: the file, the model and the date it was made."""
+    m = baseline.get("model") if isinstance(baseline.get("model"), dict) else ((baseline.get("run") or {}).get("model")) or {}
+    when = baseline.get("created") or (baseline.get("timing") or {}).get("started")
+    about = ", ".join(str(x) for x in (m.get("name") or m.get("spec"), when) if x)
+    label = name or "the baseline file"
+    return f"{label} ({about})" if about else label
+
+
+def _gate(results: dict) -> dict[str, Any] | None:
+    g = results.get("gate")
+    if not isinstance(g, dict) or not g.get("line"):
+        return None
+    return {"line": str(g["line"]), "status": str(g.get("status") or ""),
+            "warnings": [str(w) for w in g.get("warnings") or []], "obtained": g.get("obtained")}
 
 
 def _drift_context(results: dict) -> dict[str, Any] | None:
@@ -414,7 +424,7 @@ def _drift_context(results: dict) -> dict[str, Any] | None:
             "against": str(d.get("against") or ""), "positions": d.get("positions"), "worst": worst}
 
 
-def build_report_context(results: dict, baseline: dict | None = None) -> dict[str, Any]:
+def build_report_context(results: dict, baseline: dict | None = None, baseline_name: str | None = None) -> dict[str, Any]:
     """Everything the report template shows, as display-ready strings (charts as Markup)."""
     from . import charts
 
@@ -431,7 +441,8 @@ def build_report_context(results: dict, baseline: dict | None = None) -> dict[st
         "tests": _tests(results),
         "metrics": [{"title": t, "direction": d} for _k, t, _d, d in METRICS],
         "exit_rows": _exit_rows(results, baseline),
-        "baseline": None if baseline is None else {"label": _baseline_label(baseline)},
+        "baseline": None if baseline is None else {"label": _baseline_label(baseline, baseline_name or (results.get("gate") or {}).get("baseline"))},
+        "gate": _gate(results),
         "metric_notes": _metric_notes(results),
         "charts": [c for c in (
             {"id": "entropy", "title": "Lens entropy by depth", "svg": _safe(charts.chart_entropy(results)),
@@ -468,9 +479,9 @@ def _shape_guard(build, *args):
         ) from exc
 
 
-def render_report(results: dict, baseline: dict | None = None) -> str:
+def render_report(results: dict, baseline: dict | None = None, baseline_name: str | None = None) -> str:
     """The self-contained HTML report for one results dict (optionally with baseline deltas)."""
-    ctx = _shape_guard(build_report_context, results, baseline)
+    ctx = _shape_guard(build_report_context, results, baseline, baseline_name)
     return _env().get_template("report.html.j2").render(**ctx)
 
 
@@ -481,10 +492,11 @@ def _target(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def write_report(results: dict, path: str | os.PathLike[str], baseline: dict | None = None) -> Path:
+def write_report(results: dict, path: str | os.PathLike[str], baseline: dict | None = None,
+                 baseline_name: str | None = None) -> Path:
     """Render, then write atomically: on any failure an existing file at ``path`` is untouched."""
     target = _target(path)
-    html_text = render_report(results, baseline)
+    html_text = render_report(results, baseline, baseline_name)
     return atomic_write_text(target, html_text)
 
 

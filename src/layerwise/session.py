@@ -1,5 +1,7 @@
-"""Run state of one pytest session: options, the model and results (computed once, on first
-use), test outcomes, and what is written at the end (results JSON, report, baseline)."""
+"""Run state of one pytest session, and its public API for the plugin, the shipped suite and
+users' tests: the settings, the model and results (computed once, on first use), the gate's
+verdict, test outcomes, and what is written at the end (results JSON, report, baseline, digest).
+"""
 
 from __future__ import annotations
 
@@ -8,92 +10,51 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .options import parse_tolerances, read_options
-
-DEFAULT_BASELINES = {"smollm2-135m": "smollm2-135m.json"}
-
-
-def shipped_baseline(model: str) -> Path | None:
-    name = DEFAULT_BASELINES.get(model)
-    if name is None:
-        return None
-    from importlib.resources import files
-
-    return Path(str(files("layerwise.fixtures").joinpath("baselines", name)))
+from .config import Settings, from_options
+from .errors import LayerwiseError
+from .options import read_pytest_options
 
 
 class LayerwiseSession:
     def __init__(self, config: Any) -> None:
         self.config = config
-        self.opts = read_options(config)
+        self.opts, self.given = read_pytest_options(config)
         self.root = Path(config.invocation_params.dir)
+        self.settings: Settings = from_options(self.opts, self.root, Path(config.rootpath))
+        #: The suite joins the run when the model is named (CLI or ini) — see plugin.suite_files.
+        self.enabled = "model" in self.given
+        self._checked: Any = None
         self._bundle: Any = None
         self._results: dict[str, Any] | None = None
-        self._baseline: dict[str, Any] | None = None
-        self.baseline_path: Path | None = None
-        self.baseline_implicit = False
+        self._verdict: Any = None
         self.outcomes: dict[str, dict[str, str]] = {}
         self.phases: dict[str, float] = {}
         self.written: list[str] = []
-        self.tolerances = parse_tolerances(self.opts["tolerance"])
-        self._check_cheap()
+        if self.given:  # a project that names no layerwise option is left alone until a fixture is used
+            self.check()
 
-    # -- validation that needs no model ------------------------------------------------------
-    def _check_cheap(self) -> None:
-        o = self.opts
-        if o["load-in-4bit"] and o["load-in-8bit"]:
-            raise ConfigError("--load-in-4bit and --load-in-8bit both given", "choose one")
-        if o["max-new-tokens"] < 1:
-            raise ConfigError(f"--max-new-tokens must be at least 1, got {o['max-new-tokens']}", "pass a positive number")
-        if o["limit"] is not None and o["limit"] < 1:
-            raise ConfigError(f"--limit must be at least 1, got {o['limit']}", "pass a positive number of rows")
-        if o["exit-layers"] is not None:
-            layers = o["exit-layers"]
-            if not layers:
-                raise ConfigError("--exit-layers is empty", "pass layers like 8,16,24,32")
-            bad = [x for x in layers if x < 1]
-            if bad:
-                raise ConfigError(f"exit layer {bad[0]} is not a block output (layers are 1..L; layer k = output of block k)",
-                                  "pass layers between 1 and the model's number of blocks")
-            dup = sorted({x for x in layers if layers.count(x) > 1})
-            if dup:
-                raise ConfigError(f"exit layer {dup[0]} is given twice", "list each exit layer once")
-        if o["prompts"] is not None:
-            from .data import load_examples
+    # -- before the model ---------------------------------------------------------------------
+    def check(self) -> Any:
+        """Everything that needs no model (data, outputs, baseline); once."""
+        if self._checked is None:
+            from .preflight import preflight
 
-            load_examples(self._path(o["prompts"]), o["limit"])  # raises DataError with file:line
-        for key in ("report", "results-json"):
-            _check_writable(self._path(o[key]), f"--{key}")
-        if o["baseline"] and not o["update-baseline"]:
-            from .baseline import load_baseline
+            self._checked = preflight(self.settings)
+        return self._checked
 
-            self.baseline_path = self._path(o["baseline"])
-            self._baseline = load_baseline(self.baseline_path)
-        elif o["update-baseline"]:
-            target = self._path(o["baseline"]) if o["baseline"] else shipped_baseline(o["model"])
-            if target is None:
-                raise ConfigError(f"--update-baseline needs --baseline PATH for model {o['model']!r}",
-                                  "pass --baseline where the new baseline should be written")
-            _check_writable(target, "--baseline")
-            self.baseline_path = target
-        else:
-            shipped = shipped_baseline(o["model"])
-            if shipped is not None and shipped.is_file():
-                from .baseline import load_baseline
+    @property
+    def tolerances(self) -> dict[str, tuple[float, float]]:
+        return self.settings.gate.tolerances
 
-                self.baseline_path = shipped
-                self._baseline = load_baseline(shipped)
-                self.baseline_implicit = True
+    @property
+    def baseline_path(self) -> Path | None:
+        return self.settings.gate.baseline
 
-    def _path(self, p: str | Path) -> Path:
-        q = Path(p).expanduser()
-        return q if q.is_absolute() else self.root / q
+    def baseline(self) -> dict[str, Any] | None:
+        """The baseline being compared with (None when there is none or it is being updated)."""
+        return self.check().baseline
 
-    # -- the run -----------------------------------------------------------------------------
-    def run_config(self) -> Any:
-        return build_run_config(self.opts, self._path)
-
+    # -- the run ------------------------------------------------------------------------------
     def say(self, msg: str) -> None:
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
         if tr is not None:
@@ -101,14 +62,13 @@ class LayerwiseSession:
 
     def bundle(self) -> Any:
         if self._bundle is None:
+            self.check()
             from .models import load_model
 
-            rc = self.run_config()
+            rc = self.settings.run
             t0 = time.perf_counter()
-            self.say(f"loading {rc.model} …")
-            self._bundle = load_model(rc.model, dtype=rc.dtype, device=rc.device, revision=rc.revision,
-                                      trust_remote_code=rc.trust_remote_code, quantization=rc.quantization,
-                                      device_map=rc.device_map)
+            self.say(f"loading {rc.model}{' + adapter ' + rc.adapter if rc.adapter else ''} …")
+            self._bundle = load_model(rc.model, **rc.load_config().kwargs())
             self.phases["load"] = time.perf_counter() - t0
             self.say(f"loaded {self._bundle.info.get('name')} ({self._bundle.num_layers} blocks) in {self.phases['load']:.1f} s")
         return self._bundle
@@ -119,7 +79,7 @@ class LayerwiseSession:
 
             bundle = self.bundle()
             t0 = time.perf_counter()
-            res = evaluate(self.run_config(), bundle=bundle, log=self.say)
+            res = evaluate(self.settings.run, bundle=bundle, log=self.say, examples=self.check().examples)
             res["timing"]["load_s"] = round(self.phases.get("load", 0.0), 3)
             for k in ("lens_s", "generate_s", "metrics_s"):
                 self.phases[k[:-2]] = res["timing"][k]
@@ -131,8 +91,54 @@ class LayerwiseSession:
     def has_results(self) -> bool:
         return self._results is not None
 
-    def baseline(self) -> dict[str, Any] | None:
-        return self._baseline
+    # -- the gate -----------------------------------------------------------------------------
+    def _display(self, p: Path | None) -> str | None:
+        if p is None:
+            return None
+        try:
+            return str(p.resolve().relative_to(self.root.resolve()))
+        except ValueError:
+            return str(p)
+
+    def verdict(self) -> Any:
+        """The gate's verdict for this session's results (computed once)."""
+        if self._verdict is None:
+            from .baseline import judge
+
+            g = self.settings.gate
+            name = self._display(g.baseline)
+            if g.source == "shipped":
+                name = f"the shipped baseline for {self.settings.run.model}"
+            self._verdict = judge(self.baseline(), self.results(), name=name, tolerances=g.tolerances,
+                                  updating=g.update, missing=self.check().missing)
+        return self._verdict
+
+    def check_gate(self) -> None:
+        """The shipped gate test: fail on a failed gate; not gated → skip, or fail when a baseline
+        is required (or one named explicitly was refused)."""
+        import pytest
+
+        v = self.verdict()
+        if v.status == "failed":
+            pytest.fail(v.message(self._display(self.settings.output.results)), pytrace=False)
+        if v.status == "not_gated":
+            if self.settings.gate.require or (v.refused and self.settings.gate.source == "option"):
+                hint = "" if not self.settings.gate.require else " (--require-baseline)"
+                pytest.fail(v.line() + hint, pytrace=False)
+            raise pytest.skip.Exception(v.line(), _use_item_location=True)  # reported at the test, not here
+
+    # -- xdist -------------------------------------------------------------------------------
+    def worker_payload(self) -> dict[str, str]:
+        """What an xdist worker hands to the controller."""
+        if self._results is None:
+            return {}
+        return {"layerwise_results": json.dumps(self._results), "layerwise_phases": json.dumps(self.phases)}
+
+    def take_worker_payload(self, payload: dict[str, Any]) -> None:
+        """The controller takes one worker's results (every worker computes the same)."""
+        if self._results is None and payload.get("layerwise_results"):
+            self._results = json.loads(payload["layerwise_results"])
+            self.phases.update(json.loads(payload.get("layerwise_phases", "{}")))
 
     # -- outcomes and output -----------------------------------------------------------------
     def record(self, report: Any) -> None:
@@ -159,74 +165,47 @@ class LayerwiseSession:
         self.outcomes[report.nodeid] = {"nodeid": report.nodeid, "outcome": outcome, "message": msg}
 
     def finish(self, exitstatus: int) -> None:
-        """Write results JSON, report and (if asked) baseline — only for a complete run."""
+        """Write results JSON, report, baseline (if asked), the obtained file of a failed gate and
+        the Markdown digest — only for a complete run."""
         if self._results is None or exitstatus == 2:  # never evaluated, or interrupted
             return
-        from .io import atomic_write_json
+        from .baseline import make_baseline
+        from .io import atomic_write_json, atomic_write_text, dumps_json
         from .report import write_report
+        from .terminal import markdown
 
+        out, gate = self.settings.output, self.settings.gate
         res = self._results
         res["tests"] = sorted(self.outcomes.values(), key=lambda r: r["nodeid"])
+        verdict = self.verdict()
+        res["gate"] = verdict.to_json()
         t0 = time.perf_counter()
-        if self.opts["update-baseline"] and self.baseline_path is not None:
+        if gate.update and gate.baseline is not None:
             from .baseline import write_baseline
 
-            write_baseline(res, self.baseline_path)
-            self.written.append(f"baseline {self.baseline_path}")
-        results_path = self._path(self.opts["results-json"])
-        report_path = self._path(self.opts["report"])
+            write_baseline(res, gate.baseline)
+            self.written.append(f"baseline {self._display(gate.baseline)}")
+        if verdict.status == "failed" and gate.baseline is not None:
+            obtained = out.results.parent / f"{gate.baseline.stem}.obtained.json"
+            atomic_write_text(obtained, dumps_json(make_baseline(res)))
+            res["gate"]["obtained"] = self._display(obtained)
+            self.written.append(f"obtained {self._display(obtained)} (accept the change: copy it over "
+                                f"{self._display(gate.baseline)})")
         res["timing"]["report_s"] = 0.0
-        atomic_write_json(results_path, res)
-        self.written.append(f"results {results_path}")
-        base = None if self.opts["update-baseline"] else self._baseline
-        write_report(res, report_path, baseline=base)
+        atomic_write_json(out.results, res)
+        self.written.append(f"results {self._display(out.results)}")
+        if out.report is not None:
+            write_report(res, out.report, baseline=None if gate.update else self.baseline())
+            self.written.append(f"report {self._display(out.report)}")
         self.phases["report"] = time.perf_counter() - t0
-        self.written.append(f"report {report_path}")
+        if out.summary_md is not None:
+            text = markdown(res, self.baseline(), report=self._display(out.report))
+            if out.summary_append:
+                with open(out.summary_md, "a", encoding="utf-8") as fh:
+                    fh.write(text)
+            else:
+                atomic_write_text(out.summary_md, text)
+            self.written.append(f"summary {self._display(out.summary_md)}")
 
 
-def build_run_config(o: dict[str, Any], path: Any = Path) -> Any:
-    """Option values (by option name, see options.OPTIONS) → :class:`layerwise.runner.RunConfig`."""
-    from .decoding import Decoding
-    from .models import Quantization
-    from .runner import RunConfig
-
-    quant = None
-    if o["load-in-4bit"]:
-        quant = Quantization("4bit", o["bnb-4bit-quant-type"], o["bnb-4bit-compute-dtype"], o["bnb-4bit-double-quant"])
-    elif o["load-in-8bit"]:
-        quant = Quantization("8bit")
-    device_map: Any = o["device-map"]
-    if device_map and device_map.strip().startswith("{"):
-        try:
-            device_map = json.loads(device_map)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--device-map is not valid JSON ({exc.msg})", "pass 'auto' or a JSON object") from None
-    bert = o["bertscore-model"]
-    return RunConfig(
-        model=o["model"], dtype=o["dtype"], device=o["device"], revision=o["revision"],
-        trust_remote_code=o["trust-remote-code"], quantization=quant, device_map=device_map,
-        exit_layers=o["exit-layers"], prompts=str(path(o["prompts"])) if o["prompts"] else None,
-        limit=o["limit"], prompt_format=o["prompt-format"],
-        decoding=Decoding(max_new_tokens=o["max-new-tokens"], do_sample=o["do-sample"],
-                          temperature=o["temperature"], top_k=o["top-k"], top_p=o["top-p"], seed=o["seed"]),
-        bertscore_model=None if str(bert).lower() == "none" else bert,
-        teacher_forced_tokens=o["teacher-forced-tokens"], drift_against=o["drift-against"],
-    )
-
-
-def _check_writable(path: Path, what: str) -> None:
-    folder = path.parent
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    import os
-
-    if path.exists() and path.is_dir():
-        raise ConfigError(f"{what} {path} is a folder", "pass a file path")
-    if not probe.is_dir():
-        raise ConfigError(f"{what} {path} cannot be written ({probe} is a file, not a folder)",
-                          "choose a path in a folder you can write to")
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ConfigError(f"{what} {path} cannot be written (no write permission in {probe})",
-                          "choose a path in a folder you can write to")
-
+__all__ = ["LayerwiseSession", "LayerwiseError"]
