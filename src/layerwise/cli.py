@@ -1,4 +1,4 @@
-"""The ``layerwise`` command: ``run``, ``report`` and ``compare``.
+"""The ``layerwise`` command: ``run``, ``report``, ``compare`` and ``check``.
 
 Imports stay lazy: ``layerwise --help`` loads neither torch, matplotlib nor jinja2. Each
 subcommand is one ``add_*`` function in :data:`SUBCOMMANDS` that builds its subparser and sets
@@ -41,10 +41,19 @@ def _load_baseline(path: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- report
 
+def _check_paths(inputs: dict[str, str | None], output: str) -> None:
+    """Before any work: the output is writable without destroying anything, and no input."""
+    from .io import check_distinct, check_output
+
+    check_output(output, "-o/--output")
+    check_distinct(inputs, {"-o/--output": output})
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
     from .results import load_results
 
+    _check_paths({"RESULTS": args.results, "--baseline": args.baseline}, args.output)
     results = load_results(args.results)
     baseline = _load_baseline(args.baseline) if args.baseline else None
     out = write_report(results, args.output, baseline=baseline)
@@ -68,6 +77,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .report import write_compare
     from .results import load_results
 
+    _check_paths({"OLD": args.old, "NEW": args.new}, args.output)
     old = load_results(args.old)
     new = load_results(args.new)
     out = write_compare(old, new, args.output, labels=tuple(args.labels))
@@ -84,6 +94,28 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", nargs=2, metavar=("A", "B"), default=["old", "new"],
                    help="names for the two runs (default: old new)")
     p.set_defaults(func=_cmd_compare)
+
+
+# --------------------------------------------------------------------------- check
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .runid import pair_mismatch, report_run_id
+
+    problem = pair_mismatch(args.results, args.report)
+    if problem is not None:
+        print(f"{PROG}: mismatch: {problem}", file=sys.stderr)
+        return 1
+    print(f"{PROG}: {args.results} and {args.report} are from the same run ({report_run_id(args.report)[1]})")
+    return 0
+
+
+def add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="check that a results JSON and an HTML report are from the same run",
+                       description="Exit 0 when RESULTS and REPORT carry the same run id, 1 (with the reason) "
+                                   "when they come from different runs or carry no id.")
+    p.add_argument("results", metavar="RESULTS", help="results JSON")
+    p.add_argument("report", metavar="REPORT", help="HTML report")
+    p.set_defaults(func=_cmd_check)
 
 
 # --------------------------------------------------------------------------- run
@@ -147,7 +179,7 @@ def add_run(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------- parser
 
 #: One function per subcommand; a new subcommand appends its ``add_*`` here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_run, add_report, add_compare]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_run, add_report, add_compare, add_check]
 
 
 def build_parser() -> argparse.ArgumentParser:
