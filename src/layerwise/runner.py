@@ -231,7 +231,7 @@ def run_sweep(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[li
 def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | None = None) -> dict[str, Any]:
     """Run the whole evaluation and return the results dict (not yet written anywhere)."""
 
-    from .data import default_prompts_path, file_sha256, format_prompt, load_examples
+    from .data import default_prompts_path, format_prompt, load_examples
     from .decoding import default_exits, validate_exits
     from .metrics import Scorer
 
@@ -366,7 +366,7 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
         "schema_version": SCHEMA_VERSION,
         "run": {
             "model": info,
-            "data": {"path": _display_path(data_path), "sha256": file_sha256(data_path), "rows": len(examples),
+            "data": {"path": _display_path(data_path), "sha256": examples.sha256, "rows": len(examples),
                      "limit": config.limit, "prompt_format": config.prompt_format},
             "decoding": dec.describe(),
             "exit_layers": exits,
