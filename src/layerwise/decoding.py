@@ -36,8 +36,8 @@ class Decoding:
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}", "pass --max-new-tokens 1 or more")
-        if self.do_sample and not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0 when sampling, got {self.temperature!r}", "pass a positive --temperature")
+        if self.do_sample and not 0 < self.temperature < float("inf"):
+            raise ConfigError(f"temperature must be > 0 and finite when sampling, got {self.temperature!r}", "pass a positive --temperature")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}", "pass --top-p between 0 and 1")
         if self.top_k is not None and self.top_k < 1:
@@ -198,6 +198,8 @@ def _pick(logits: torch.Tensor, dec: Decoding, gen: torch.Generator | None) -> t
     if not dec.do_sample:
         return logits.argmax(-1)
     x = logits.float().cpu() / dec.temperature
+    if not torch.isfinite(x.amax(-1)).all():  # NaN propagates through amax
+        x = _scaled_stably(logits, dec.temperature)
     if dec.top_k is not None:
         kth = x.topk(min(dec.top_k, x.shape[-1]), dim=-1).values[..., -1:]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -210,6 +212,19 @@ def _pick(logits: torch.Tensor, dec: Decoding, gen: torch.Generator | None) -> t
         x = x.masked_fill(drop, float("-inf"))
     probs = x.softmax(-1)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _scaled_stably(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / T for a T so small that the quotient overflows float32 (or that float32 rounds to
+    0): shifted by each row's maximum first (softmax does not change) and divided in float64, so
+    the top token stays at 0 and the others go to -inf; sampling then picks among the top tokens,
+    the limit of sampling as T -> 0."""
+    raw = logits.double().cpu()
+    top = raw.amax(-1, keepdim=True)
+    if torch.isnan(raw).any() or not torch.isfinite(top).all():
+        raise ConfigError("the model's next-token scores contain NaN or infinities, so no token can be sampled",
+                          "load the model in float32 (--dtype float32), or check its weights")
+    return (raw - top) / temperature
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
