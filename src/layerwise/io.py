@@ -74,7 +74,7 @@ def check_output(path: PathLike, what: str = "output") -> Path:
         target = Path(os.path.realpath(p))
     try:
         st = os.stat(target)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # the folder part is checked below
         st = None
     except OSError as exc:
         raise OutputError(f"{what} {p} cannot be written ({exc.strerror or exc})", _FOLDER_FIX) from None

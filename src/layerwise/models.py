@@ -208,9 +208,8 @@ def _gguf_to_cache(src: _Source, sha: str) -> Path:
     return final
 
 
-def _convert_gguf(src: _Source, gguf_path: Path, sha: str, tmp: Path) -> None:
-    """Read the GGUF file with transformers and save it as safetensors + tokenizer into ``tmp``,
-    with a marker listing every file's size and SHA-256."""
+def _read_gguf(src: _Source, gguf_path: Path) -> tuple[Any, Any]:
+    """(float32 model, tokenizer) de-quantized from the GGUF file by transformers."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -222,6 +221,13 @@ def _convert_gguf(src: _Source, gguf_path: Path, sha: str, tmp: Path) -> None:
             f"cannot read GGUF file {gguf_path}: {type(exc).__name__}: {_first_line(exc)}",
             "the file is truncated, corrupt or of an unsupported GGUF architecture; download it again",
         ) from None
+    return model, tok
+
+
+def _convert_gguf(src: _Source, gguf_path: Path, sha: str, tmp: Path) -> None:
+    """Read the GGUF file and save it as safetensors + tokenizer into ``tmp``, with a marker
+    listing every file's size and SHA-256."""
+    model, tok = _read_gguf(src, gguf_path)
     # The weights are plain floats now, but transformers still marks the model as GGUF-quantized
     # and refuses save_pretrained; drop the marker (findings.md, "Practical notes").
     model.hf_quantizer = None

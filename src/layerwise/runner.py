@@ -243,7 +243,7 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
 
     data_path = Path(config.prompts) if config.prompts else default_prompts_path()
     examples = load_examples(data_path, config.limit)
-    scorer = Scorer(bertscore_model=config.bertscore_model)
+    scorer = Scorer(bertscore_model=config.bertscore_model).load()  # a bad BERTScore model fails now, not after the run
 
     t0 = time.perf_counter()
     if bundle is None:
