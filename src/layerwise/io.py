@@ -261,8 +261,9 @@ def deferred_signals(signums: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -
 
 
 def _lock_path(target: Path) -> Path:
-    """One lock file per output file, outside the user's folders (no litter beside their files)."""
-    base = os.environ.get("LAYERWISE_LOCK_DIR") or os.path.join(tempfile.gettempdir(), f"layerwise-locks-{os.getuid()}")
+    """One lock file per output file, outside the user's folders (no litter beside their files);
+    ``LAYERWISE_LOCK_DIR`` chooses the folder (default: ``<tmp>/layerwise-locks-<uid>``)."""
+    base = os.environ.get("LAYERWISE_LOCK_DIR") or os.path.join(tempfile.gettempdir(), f"layerwise-locks-{getattr(os, 'getuid', lambda: 'user')()}")
     digest = hashlib.sha256(os.fsencode(os.path.realpath(target))).hexdigest()[:32]
     return Path(base) / f"{digest}.lock"
 
