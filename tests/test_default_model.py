@@ -204,3 +204,52 @@ def test_gguf_cache_one_complete_entry_and_stale_folders_unused(default_bundle, 
     assert sorted(p.name for p in root.iterdir()) == entries
     assert (entry / "model.safetensors").stat().st_mtime_ns == mtime
     assert again.num_layers == 30
+
+
+def test_gguf_cache_truncated_entry_is_converted_again(default_bundle, tmp_path, monkeypatch, capsys):
+    """Issue 12: a truncated model.safetensors in a cache entry used to fail every later run with
+    advice to re-save a folder the user never made. Now it is noticed, removed and converted again."""
+    import shutil
+
+    entry_src = Path(default_bundle.model.config._name_or_path)
+    root = tmp_path / "cache"
+    entry = root / entry_src.name
+    shutil.copytree(entry_src, entry)
+    weights = entry / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 1000)
+    monkeypatch.setenv("LAYERWISE_CACHE", str(root))
+    healed = load_model("smollm2-135m")
+    err = capsys.readouterr().err
+    assert f"layerwise: the converted model in the cache {entry} is damaged (model.safetensors is " in err, err
+    assert "converting" in err and "SmolLM2-135M-Instruct.Q4_1.gguf again" in err
+    assert sorted(p.name for p in root.iterdir()) == [entry.name]
+    assert weights.stat().st_size == (entry_src / "model.safetensors").stat().st_size
+    ids = torch.tensor([[1, 504, 3458, 314, 253]])
+    with torch.no_grad():
+        assert max_diff(healed.model(ids).logits, default_bundle.model(ids).logits) == 0.0
+
+
+def test_gguf_cache_sigterm_mid_conversion_leaves_nothing(tmp_path):
+    """Issue 12: SIGTERM while the converted weights are being written left a ~210 MB
+    ``.converting-*`` folder that no later run removed."""
+    import signal
+    import subprocess
+    import sys
+
+    root = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-c", "from layerwise.models import load_model; load_model('smollm2-135m')"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, LAYERWISE_CACHE=str(root)))
+    deadline = time.time() + 240
+    work: list[Path] = []
+    while time.time() < deadline and proc.poll() is None:
+        work = [p for p in root.glob(".converting-*/*") if p.suffix == ".safetensors" or p.name.endswith(".tmp")]
+        if work:
+            break
+        time.sleep(0.05)
+    assert work, "the conversion never started writing weights"
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGTERM, err
+    assert "Traceback" not in err
+    assert list(root.iterdir()) == []

@@ -300,13 +300,14 @@ def test_validate_exits_accepts_and_sorts():
 
 
 @pytest.mark.parametrize("kw, words", [
-    ({"max_new_tokens": 0}, ("max_new_tokens", "0", "--max-new-tokens")),
-    ({"max_new_tokens": -1}, ("max_new_tokens", "-1")),
-    ({"max_new_tokens": 2.5}, ("max_new_tokens", "2.5")),
-    ({"do_sample": True, "temperature": 0.0}, ("temperature", "> 0")),
-    ({"top_p": 0.0}, ("top_p", "(0, 1]")),
-    ({"top_p": 1.5}, ("top_p", "1.5")),
-    ({"top_k": 0}, ("top_k", ">= 1")),
+    ({"max_new_tokens": 0}, ("--max-new-tokens", "0")),
+    ({"max_new_tokens": -1}, ("--max-new-tokens", "-1")),
+    ({"max_new_tokens": 2.5}, ("--max-new-tokens", "2.5")),
+    ({"do_sample": True, "temperature": 0.0}, ("--temperature", "> 0")),
+    ({"top_p": 0.0}, ("--top-p", "(0, 1]")),
+    ({"top_p": 1.5}, ("--top-p", "1.5")),
+    ({"top_k": 0}, ("--top-k", "at least 1")),
+    ({"seed": 2**64}, ("--seed", "0..2**64-1")),
 ])
 def test_decoding_validate_errors(kw, words):
     with pytest.raises(ConfigError) as e:
@@ -332,4 +333,4 @@ def test_generate_exits_refuses_bad_options_before_running():
     check(e, ConfigError, "exit layer 5", "outside 1..4")
     with pytest.raises(ConfigError) as e:
         generate_exits(b, ids, torch.ones_like(ids), [2], Decoding(max_new_tokens=0))
-    check(e, ConfigError, "max_new_tokens")
+    check(e, ConfigError, "--max-new-tokens")

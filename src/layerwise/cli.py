@@ -1,4 +1,4 @@
-"""The ``layerwise`` command: ``run``, ``report`` and ``compare``.
+"""The ``layerwise`` command: ``run``, ``report``, ``compare`` and ``check``.
 
 Imports stay lazy: ``layerwise --help`` loads neither torch, matplotlib nor jinja2. Each
 subcommand is one ``add_*`` function in :data:`SUBCOMMANDS` that builds its subparser and sets
@@ -42,10 +42,19 @@ def _load_baseline(path: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- report
 
+def _check_paths(inputs: dict[str, str | None], output: str) -> None:
+    """Before any work: the output is writable without destroying anything, and no input."""
+    from .io import check_distinct, check_output
+
+    check_output(output, "-o/--output")
+    check_distinct(inputs, {"-o/--output": output})
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
     from .results import load_results
 
+    _check_paths({"RESULTS": args.results, "--baseline": args.baseline}, args.output)
     results = load_results(args.results)
     baseline = _load_baseline(args.baseline) if args.baseline else None
     out = write_report(results, args.output, baseline=baseline, baseline_name=args.baseline)
@@ -69,6 +78,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .report import write_compare
     from .results import load_results
 
+    _check_paths({"OLD": args.old, "NEW": args.new}, args.output)
     old = load_results(args.old)
     new = load_results(args.new)
     out = write_compare(old, new, args.output, labels=tuple(args.labels))
@@ -87,6 +97,28 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_compare)
 
 
+# --------------------------------------------------------------------------- check
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .runid import pair_mismatch, report_run_id
+
+    problem = pair_mismatch(args.results, args.report)
+    if problem is not None:
+        print(f"{PROG}: mismatch: {problem}", file=sys.stderr)
+        return 1
+    print(f"{PROG}: {args.results} and {args.report} are from the same run ({report_run_id(args.report)[1]})")
+    return 0
+
+
+def add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="check that a results JSON and an HTML report are from the same run",
+                       description="Exit 0 when RESULTS and REPORT carry the same run id, 1 (with the reason) "
+                                   "when they come from different runs or carry no id.")
+    p.add_argument("results", metavar="RESULTS", help="results JSON")
+    p.add_argument("report", metavar="REPORT", help="HTML report")
+    p.set_defaults(func=_cmd_check)
+
+
 # --------------------------------------------------------------------------- run
 
 #: The option scopes ``layerwise run`` takes: what to load, what to compute, where to write.
@@ -97,10 +129,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import time
 
     from .config import from_options
-    from .io import atomic_write_json
+    from .io import dumps_json, write_set
     from .options import read_namespace
     from .preflight import preflight
-    from .report import write_report
+    from .report import render_report
+    from .runid import stamp_run_id
     from .runner import evaluate
     from .terminal import table_lines
 
@@ -110,11 +143,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     results = evaluate(settings.run, examples=checked.examples,
                        log=lambda m: print(f"layerwise: {m}", file=sys.stderr, flush=True))
-    atomic_write_json(out.results, results)
-    print(f"layerwise: wrote {out.results}")
+    stamp_run_id(results)
+    files = [(out.results, dumps_json(results).encode())]
     if out.report is not None:
-        write_report(results, out.report)
-        print(f"layerwise: wrote {out.report}")
+        files.append((out.report, render_report(results).encode("utf-8")))
+    write_set(files, what=["--results-json", "--report"][: len(files)])
+    for path, _ in files:
+        print(f"layerwise: wrote {path}")
     for line in table_lines(results):
         print(line)
     print(f"layerwise: done in {time.perf_counter() - t0:.1f} s")
@@ -137,7 +172,7 @@ def add_run(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------- parser
 
 #: One function per subcommand; a new subcommand appends its ``add_*`` here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_run, add_report, add_compare]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_run, add_report, add_compare, add_check]
 
 
 def build_parser() -> argparse.ArgumentParser:

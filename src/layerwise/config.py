@@ -24,7 +24,7 @@ DEVICES = ("auto", "cpu", "cuda")  # and cuda:N
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 PROMPT_FORMATS = ("alpaca", "alpaca-stanford", "chat", "raw")
-DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")
+DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")  # as the help lists them
 
 DEFAULT_LIMIT = 20
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -185,38 +185,67 @@ class RunConfig(LoadConfig):
 # Checks shared by the option parser and the engine
 
 
-def parse_device_map(value: Any) -> str | dict[str, Any] | None:
-    """``None``, one of :data:`DEVICE_MAP_NAMES`, or a JSON object of module name → device."""
-    if value is None or isinstance(value, dict):
-        if isinstance(value, dict):
-            _check_device_map_dict(value)
-        return value
-    s = str(value).strip()
-    if not s:
-        return None
-    if s.startswith(("{", "[")) or s[0].isdigit() or s in ("null", "true", "false"):
-        try:
-            parsed = json.loads(s)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--device-map is not valid JSON ({exc.msg})", "pass 'auto' or a JSON object such as '{\"\": \"cpu\"}'") from None
-        if not isinstance(parsed, dict):
-            raise ConfigError(f"--device-map {s} is a JSON {type(parsed).__name__}, not an object",
-                              "pass 'auto' or a JSON object mapping module names to devices, e.g. '{\"\": \"cpu\"}'")
-        _check_device_map_dict(parsed)
-        return parsed
-    if s not in DEVICE_MAP_NAMES:
-        raise ConfigError(f"--device-map {s!r} is not one of {', '.join(DEVICE_MAP_NAMES)} nor a JSON object",
-                          "pass 'auto' or a JSON object mapping module names to devices")
-    return s
+def parse_device_map(value: Any) -> str | int | dict[str, Any] | None:
+    """An option value → a device map: ``None``, a strategy or device name, or (from JSON text) an
+    object of module name → device; refused in one line when accelerate could not use it."""
+    if isinstance(value, str):
+        s = value.strip()
+        if not s:
+            return None
+        if s.startswith(("{", "[", '"')) or s in ("null", "true", "false") or s.lstrip("-").isdigit():
+            try:
+                parsed = json.loads(s)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"--device-map is not valid JSON ({exc.msg})", _DEVICE_MAP_FIX) from None
+            if isinstance(parsed, list):
+                raise ConfigError(f"--device-map {s} is a JSON list, not an object", _DEVICE_MAP_FIX)
+            value = parsed
+        else:
+            value = s
+    check_device_map(value)
+    return value
 
 
-def _check_device_map_dict(d: dict[str, Any]) -> None:
-    for k, v in d.items():
-        ok = (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (
-            isinstance(v, str) and (v in ("cpu", "disk", "meta", "cuda", "mps") or re.fullmatch(r"cuda:\d+", v)))
-        if not isinstance(k, str) or not ok:
-            raise ConfigError(f"--device-map entry {k!r}: {v!r} is not a device",
-                              "map module names to 'cpu', 'disk', 'cuda:N' or a GPU number")
+_DEVICE_MAP_FIX = ("pass auto, balanced, balanced_low_0 or sequential, a device such as cpu or cuda:0, "
+                   "or a JSON object of module name → device, e.g. '{\"\": 0}'")
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _device_name_ok(v: Any) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return v >= 0
+    if not isinstance(v, str):
+        return type(v).__name__ == "device"  # a torch.device
+    name, _, index = v.partition(":")
+    return name in ("cpu", "cuda", "mps", "xpu", "npu", "disk", "meta") and (not index or index.isdigit())
+
+
+def check_device_map(device_map: Any) -> None:
+    """Refuse a device map that accelerate would choke on (before any weight is read): one of
+    :data:`DEVICE_MAP_STRATEGIES`, a device (``cpu``, ``cuda:0``, ``0``), or a mapping of module
+    names (strings) to devices."""
+    fix = _DEVICE_MAP_FIX
+    if device_map is None:
+        return
+    if isinstance(device_map, str):
+        if device_map.strip() in DEVICE_MAP_STRATEGIES or _device_name_ok(device_map.strip()):
+            return
+        raise ConfigError(f"--device-map {device_map!r} is not a device map", fix)
+    if isinstance(device_map, dict):
+        if not device_map:
+            raise ConfigError("--device-map is an empty object", fix)
+        for k, v in device_map.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"--device-map: module name {k!r} is not a string", fix)
+            if not _device_name_ok(v):
+                raise ConfigError(f"--device-map: {k!r} is mapped to {v!r}, which is not a device", fix)
+        return
+    if _device_name_ok(device_map):
+        return
+    raise ConfigError(f"--device-map {device_map!r} is not a device map (a {type(device_map).__name__})", fix)
+
 
 
 def check_exit_syntax(exits: Sequence[Any]) -> None:

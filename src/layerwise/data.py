@@ -22,6 +22,7 @@ import importlib.resources
 import io
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ __all__ = [
     "DEFAULT_PROMPTS",
     "PROMPT_FORMATS",
     "Example",
+    "Examples",
     "default_prompts_path",
     "file_sha256",
     "format_prompt",
@@ -50,6 +52,17 @@ class Example:
     instruction: str
     input: str
     reference: str
+
+
+class Examples(list):  # list[Example]
+    """The rows of a prompts file (a list of :class:`Example`), with the SHA-256 and size of
+    exactly the bytes that were read to make them: record these, never re-read the file (it may
+    have changed since, or be a named pipe that can be read only once)."""
+
+    def __init__(self, rows: Any = (), sha256: str = "", size: int = 0) -> None:
+        super().__init__(rows)
+        self.sha256 = sha256
+        self.size = size
 
 
 #: The packaged default prompts: 62 rows from the start of Alpaca-cleaned (see fixtures/README.md).
@@ -100,15 +113,33 @@ def _check_limit(limit: int | None) -> None:
         raise ConfigError(f"the row limit must be positive, not {limit}", "pass a positive integer, or no limit for all rows")
 
 
-def _read_text(p: Path) -> str:
+#: The bytes of each named pipe (or other stream) read so far, by (device, inode): a stream can
+#: be read only once, and the options check and the run both load the prompts.
+_STREAMS: dict[tuple[int, int], bytes] = {}
+
+
+def _read_bytes(p: Path) -> bytes:
+    """The file's bytes; a named pipe is read once per process and remembered."""
     if not p.exists():
         raise DataError(f"prompts file {p} does not exist", "check the path, or leave it out to use the packaged Alpaca sample")
-    if p.is_dir():
-        raise DataError(f"prompts path {p} is a folder, not a file", "pass a .jsonl or .csv file")
     try:
-        raw = p.read_bytes()
+        st = os.stat(p)
+        if stat.S_ISDIR(st.st_mode):
+            raise DataError(f"prompts path {p} is a folder, not a file", "pass a .jsonl or .csv file")
+        if stat.S_ISREG(st.st_mode):
+            return p.read_bytes()
+        if not stat.S_ISFIFO(st.st_mode):
+            kind = "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file"
+            raise DataError(f"prompts file {p} is {kind}", "pass a .jsonl or .csv file (a named pipe works too: it is read once)")
+        key = (st.st_dev, st.st_ino)
+        if key not in _STREAMS:
+            _STREAMS[key] = p.read_bytes()
+        return _STREAMS[key]
     except OSError as exc:
         raise DataError(f"cannot read prompts file {p}: {exc.strerror or exc}", "check the path and its permissions") from None
+
+
+def _read_text(p: Path, raw: bytes) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -140,6 +171,13 @@ def _field(obj: dict[str, Any], name: str, where: str) -> str | None:
             f"{where}: field {name!r} is {type(value).__name__}, not a string",
             f"make {name!r} a JSON string (quote it; use \"\" for nothing)",
         )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # "\ud800": a JSON escape of half a surrogate pair
+        raise DataError(
+            f"{where}: field {name!r} holds a lone surrogate (\\u{ord(value[exc.start]):04x} at character {exc.start}), which is not text",
+            "write the character itself, or both halves of its \\uXXXX\\uXXXX surrogate pair",
+        ) from None
     return value
 
 
@@ -208,6 +246,17 @@ def _load_jsonl(p: Path, text: str) -> list[Example]:
 
 
 def _load_csv(p: Path, text: str) -> list[Example]:
+    # The csv module refuses fields over 128 KiB by default; the whole file is in memory already,
+    # so no field can be longer than the text.
+    old_limit = csv.field_size_limit()
+    csv.field_size_limit(max(old_limit, len(text) + 1))
+    try:
+        return _parse_csv(p, text)
+    finally:
+        csv.field_size_limit(old_limit)
+
+
+def _parse_csv(p: Path, text: str) -> list[Example]:
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)
@@ -251,8 +300,11 @@ def _load_csv(p: Path, text: str) -> list[Example]:
     return examples
 
 
-def load_examples(path: str | os.PathLike[str], limit: int | None = None) -> list[Example]:
+def load_examples(path: str | os.PathLike[str], limit: int | None = None) -> Examples:
     """Read a prompts file (JSONL or CSV) into :class:`Example` rows, in file order.
+
+    The file is read once; the result's ``sha256`` / ``size`` describe exactly the bytes read
+    (a named pipe can be passed: it is read once per process, a second load reuses the bytes).
 
     ``limit``: None keeps all rows; a positive int keeps the first ``limit`` rows (all of them
     when the file has fewer); zero or negative raises :class:`ConfigError`.
@@ -264,11 +316,12 @@ def load_examples(path: str | os.PathLike[str], limit: int | None = None) -> lis
     suffix = p.suffix.lower()
     if suffix not in _JSONL_SUFFIXES + _CSV_SUFFIXES and p.exists() and not p.is_dir():
         raise DataError(f"prompts file {p} has an unsupported type {suffix or '(no suffix)'!r}", "use a .jsonl (one JSON object a line) or .csv file")
-    text = _read_text(p)
+    raw = _read_bytes(p)
+    text = _read_text(p, raw)
     examples = _load_csv(p, text) if suffix in _CSV_SUFFIXES else _load_jsonl(p, text)
     if not examples:
         raise DataError(f"prompts file {p} has no rows", "add rows with instruction/output (or prompt/reference) fields")
-    return examples if limit is None else examples[:limit]
+    return Examples(examples if limit is None else examples[:limit], hashlib.sha256(raw).hexdigest(), len(raw))
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,9 +399,16 @@ def format_prompt(example: Example, fmt: str, tokenizer: Any = None) -> str:
                 f"the tokenizer {type(tokenizer).__name__} has no chat template, so --prompt-format chat cannot be used",
                 "use --prompt-format alpaca (or raw), or a chat/instruct model",
             )
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": _user_text(example)}], tokenize=False, add_generation_prompt=True
-        )
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": _user_text(example)}], tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # noqa: BLE001 - jinja's SecurityError / TemplateError, or a template bug
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise ConfigError(
+                f"the tokenizer's chat template fails on row {example.index}: {type(exc).__name__}: {first}",
+                "fix the chat_template in the model's tokenizer_config.json, or use --prompt-format alpaca (or raw)",
+            ) from None
         if not isinstance(text, str):  # some versions return a list for batched input
             text = text[0] if isinstance(text, list) and text and isinstance(text[0], str) else str(text)
         return text

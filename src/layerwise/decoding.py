@@ -21,6 +21,7 @@ import torch
 
 from .archs import Adapter
 from .config import Decoding, default_exits, validate_exits
+from .errors import ConfigError
 from .lens import cache_kwarg, capture_hidden, position_ids_from_mask
 
 
@@ -145,6 +146,8 @@ def _pick(logits: torch.Tensor, dec: Decoding, gen: torch.Generator | None) -> t
     if not dec.do_sample:
         return logits.argmax(-1)
     x = logits.float().cpu() / dec.temperature
+    if not torch.isfinite(x.amax(-1)).all():  # NaN propagates through amax
+        x = _scaled_stably(logits, dec.temperature)
     if dec.top_k is not None:
         kth = x.topk(min(dec.top_k, x.shape[-1]), dim=-1).values[..., -1:]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -157,6 +160,19 @@ def _pick(logits: torch.Tensor, dec: Decoding, gen: torch.Generator | None) -> t
         x = x.masked_fill(drop, float("-inf"))
     probs = x.softmax(-1)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _scaled_stably(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / T for a T so small that the quotient overflows float32 (or that float32 rounds to
+    0): shifted by each row's maximum first (softmax does not change) and divided in float64, so
+    the top token stays at 0 and the others go to -inf; sampling then picks among the top tokens,
+    the limit of sampling as T -> 0."""
+    raw = logits.double().cpu()
+    top = raw.amax(-1, keepdim=True)
+    if torch.isnan(raw).any() or not torch.isfinite(top).all():
+        raise ConfigError("the model's next-token scores contain NaN or infinities, so no token can be sampled",
+                          "load the model in float32 (--dtype float32), or check its weights")
+    return (raw - top) / temperature
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:

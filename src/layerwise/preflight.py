@@ -8,13 +8,13 @@ Imports stay light (no torch).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import Settings, package_folders
 from .errors import ConfigError
+from .io import check_distinct, check_output
 
 
 @dataclass
@@ -26,54 +26,13 @@ class Checked:
     missing: str | None = None
 
 
-def check_output(path: Path, what: str) -> None:
-    """``path`` can be written: not a folder, not inside the package, its folder writable."""
-    if path.is_dir():
-        raise ConfigError(f"{what} {path} is a folder", "pass a file path")
-    if any(_inside(path, folder) for folder in package_folders()):
-        raise ConfigError(f"{what} {path} is inside the installed layerwise package, which is never written to",
-                          "pass a path in your project")
-    probe = path.parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"{what} {path} cannot be written ({probe} is a file, not a folder)",
-                          "choose a path in a folder you can write to")
-    if not os.access(probe, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ConfigError(f"{what} {path} cannot be written (no write permission in {probe})",
-                          "choose a path in a folder you can write to")
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether two paths name the same file (links followed), however they are spelled."""
-    try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-    except OSError:
-        pass
-    return a.resolve() == b.resolve()
-
-
-def check_distinct(inputs: dict[str, Path | None], outputs: dict[str, Path | None]) -> None:
-    """No output is an input or another output (compared by the files the paths name)."""
-    outs = [(k, v) for k, v in outputs.items() if v is not None]
-    for i, (name, path) in enumerate(outs):
-        for in_name, in_path in inputs.items():
-            if in_path is not None and _same_file(path, in_path):
-                raise ConfigError(f"{name} {path} is the same file as {in_name} {in_path}: writing it would destroy "
-                                  f"the {in_name.lstrip('-').replace('-', ' ')}", f"pass another path for {name}")
-        for other_name, other in outs[:i]:
-            if _same_file(path, other):
-                raise ConfigError(f"{name} and {other_name} are the same file ({path})",
-                                  f"pass different paths for {other_name} and {name}")
+def check_not_in_package(path: Path, what: str) -> None:
+    """The installed package and its data (the shipped baseline, templates, suite) are never written."""
+    target = path.resolve()
+    for folder in package_folders():
+        if target == folder or folder in target.parents:
+            raise ConfigError(f"{what} {path} is inside the installed layerwise package, which is never written to",
+                              "pass a path in your project (e.g. baselines/<model>.json)")
 
 
 def outputs_of(settings: Settings) -> dict[str, Path | None]:
@@ -105,6 +64,7 @@ def preflight(settings: Settings, outputs: dict[str, Path | None] | None = None)
     outs = outputs_of(settings) if outputs is None else outputs
     for name, path in outs.items():
         if path is not None:
+            check_not_in_package(path, name)
             check_output(path, name)
     check_distinct(inputs_of(settings), outs)
     examples = load_examples(Path(run.prompts) if run.prompts else default_prompts_path(), run.limit)

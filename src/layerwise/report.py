@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import ConfigError, ResultsError
 from .io import atomic_write_text
+from .runid import run_id_of
 from .results import validate_results
 
 # (key, column title, decimals, direction): +1 higher is better, -1 lower is better, 0 neutral.
@@ -465,6 +466,7 @@ def build_report_context(results: dict, baseline: dict | None = None, baseline_n
         "depth_table": _depth_table(results),
         "rows": _gen_rows(results),
         "row_count": row_count,
+        "run_id": run_id_of(results),
     }
 
 

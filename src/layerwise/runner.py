@@ -212,7 +212,7 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
     ``examples``: the prompt rows if the caller already read them (preflight), else read here.
     """
 
-    from .data import default_prompts_path, file_sha256, format_prompt, load_examples
+    from .data import default_prompts_path, format_prompt, load_examples
     from .decoding import default_exits, validate_exits
     from .metrics import Scorer
 
@@ -225,7 +225,8 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
     data_path = Path(config.prompts) if config.prompts else default_prompts_path()
     if examples is None:
         examples = load_examples(data_path, config.limit)
-    scorer = Scorer(bertscore_model=config.bertscore_model, bertscore_num_layers=config.bertscore_num_layers)
+    # a bad BERTScore model fails now, not after the run
+    scorer = Scorer(bertscore_model=config.bertscore_model, bertscore_num_layers=config.bertscore_num_layers).load()
 
     t0 = time.perf_counter()
     if bundle is None:
@@ -291,8 +292,7 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
         say(f"layer drift against {config.drift_against} …")
         t4 = time.perf_counter()
         ref_bundle = load_model(config.drift_against, dtype=config.dtype, device=config.device,
-                                revision=config.revision, trust_remote_code=config.trust_remote_code,
-                                token=config.token, cache_dir=config.cache_dir)
+                                trust_remote_code=config.trust_remote_code, token=config.token, cache_dir=config.cache_dir)
         drift = layer_drift(ref_bundle, bundle, prompt_ids, ref_ids)
         drift["against"] = config.drift_against
         drift["label"] = f"KL({config.drift_against} ‖ this model) per layer"
@@ -345,7 +345,7 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
         "schema_version": SCHEMA_VERSION,
         "run": {
             "model": info,
-            "data": {"path": _display_path(data_path), "sha256": file_sha256(data_path), "rows": len(examples),
+            "data": {"path": _display_path(data_path), "sha256": examples.sha256, "rows": len(examples),
                      "limit": config.limit, "prompt_format": config.prompt_format},
             "decoding": dec.describe(),
             "exit_layers": exits,

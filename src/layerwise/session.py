@@ -165,13 +165,14 @@ class LayerwiseSession:
         self.outcomes[report.nodeid] = {"nodeid": report.nodeid, "outcome": outcome, "message": msg}
 
     def finish(self, exitstatus: int) -> None:
-        """Write results JSON, report, baseline (if asked), the obtained file of a failed gate and
-        the Markdown digest — only for a complete run."""
+        """Write results JSON, report, baseline (if asked) and the obtained file of a failed gate as
+        one set (one run id, renamed together), then the Markdown digest — only for a complete run."""
         if self._results is None or exitstatus == 2:  # never evaluated, or interrupted
             return
         from .baseline import make_baseline
-        from .io import atomic_write_json, atomic_write_text, dumps_json
-        from .report import write_report
+        from .io import atomic_write_text, dumps_json, write_set
+        from .report import render_report
+        from .runid import stamp_run_id
         from .terminal import markdown
 
         out, gate = self.settings.output, self.settings.gate
@@ -180,31 +181,41 @@ class LayerwiseSession:
         verdict = self.verdict()
         res["gate"] = verdict.to_json()
         t0 = time.perf_counter()
+        stamp_run_id(res)
+        files: list[tuple[Path, bytes]] = []
+        what: list[str] = []
         if gate.update and gate.baseline is not None:
-            from .baseline import write_baseline
-
-            write_baseline(res, gate.baseline)
-            self.written.append(f"baseline {self._display(gate.baseline)}")
+            files.append((gate.baseline, dumps_json(make_baseline(res)).encode()))
+            what.append("--baseline")
         if verdict.status == "failed" and gate.baseline is not None:
             obtained = out.results.parent / f"{gate.baseline.stem}.obtained.json"
-            atomic_write_text(obtained, dumps_json(make_baseline(res)))
             res["gate"]["obtained"] = self._display(obtained)
-            self.written.append(f"obtained {self._display(obtained)} (accept the change: copy it over "
-                                f"{self._display(gate.baseline)})")
+            files.append((obtained, dumps_json(make_baseline(res)).encode()))
+            what.append("the obtained baseline")
         res["timing"]["report_s"] = 0.0
-        atomic_write_json(out.results, res)
-        self.written.append(f"results {self._display(out.results)}")
+        files.append((out.results, dumps_json(res).encode()))
+        what.append("--results-json")
         if out.report is not None:
-            write_report(res, out.report, baseline=None if gate.update else self.baseline())
-            self.written.append(f"report {self._display(out.report)}")
+            html = render_report(res, baseline=None if gate.update else self.baseline(), baseline_name=verdict.baseline)
+            files.append((out.report, html.encode("utf-8")))
+            what.append("--report")
+        write_set(files, what=what)
+        labels = {"--baseline": "baseline", "the obtained baseline": "obtained", "--results-json": "results", "--report": "report"}
+        for (path, _), w in zip(files, what):
+            note = f" (accept the change: copy it over {self._display(gate.baseline)})" if w == "the obtained baseline" else ""
+            self.written.append(f"{labels[w]} {self._display(path)}{note}")
         self.phases["report"] = time.perf_counter() - t0
         if out.summary_md is not None:
             text = markdown(res, self.baseline(), report=self._display(out.report))
             if out.summary_append:
-                with open(out.summary_md, "a", encoding="utf-8") as fh:
-                    fh.write(text)
+                try:
+                    with open(out.summary_md, "a", encoding="utf-8") as fh:
+                        fh.write(text)
+                except OSError as exc:
+                    raise LayerwiseError(f"cannot append to the step summary {out.summary_md}: {exc.strerror or exc}",
+                                         "check GITHUB_STEP_SUMMARY, or pass --summary-md PATH") from None
             else:
-                atomic_write_text(out.summary_md, text)
+                atomic_write_text(out.summary_md, text, "--summary-md")
             self.written.append(f"summary {self._display(out.summary_md)}")
 
 
