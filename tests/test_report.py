@@ -13,15 +13,10 @@ from pathlib import Path
 import pytest
 
 from layerwise import charts, report
+from layerwise.compare import render_compare, write_compare
 from layerwise.errors import ConfigError, OutputError, ResultsError
-from layerwise.report import (
-    METRICS,
-    fmt,
-    render_compare,
-    render_report,
-    write_compare,
-    write_report,
-)
+from layerwise.present import METRICS, fmt
+from layerwise.report import render_report, write_report
 from layerwise.results import load_results
 
 DATA = Path(__file__).parent / "data"
@@ -96,6 +91,9 @@ def big_results(tiny: dict, L: int = 30, n_rows: int = 20, n_pos: int = 20) -> d
 
     for kind in ("first_token", "teacher_forced"):
         part = r["lens"][kind]
+        for stat, val in list(part.items()):  # every per-layer curve: one value per layer
+            if isinstance(val, dict):
+                part[stat] = {q: [val[q][min(k, len(val[q]) - 1)] for k in range(L + 1)] for q in val}
         part["entropy"] = band(lambda t: 0.1 + 3.8 * t ** 3)
         part["entropy_raw"] = band(lambda t: 8.4 if t == 0 else 0.5 + 3.4 * t ** 8)
         part["kl_to_final"] = band(lambda t: 20 * (1 - t) ** 2)
@@ -304,7 +302,6 @@ def test_missing_optional_parts_render(tiny):
     r = copy.deepcopy(tiny)
     r["lens"].pop("examples")
     r["lens"].pop("grid")
-    r["lens"].pop("teacher_forced")
     r["lens"]["first_token"].pop("entropy_raw")
     r["run"]["metrics"]["bertscore"] = None
     for e in r["exits"]:
@@ -324,21 +321,24 @@ def test_missing_optional_parts_render(tiny):
     assert "<th>Run time</th><td>—</td>" in html
 
 
-def test_bare_minimum_results_render(tiny):
-    r = {k: tiny[k] for k in ("schema", "schema_version")}
-    r.update(run={}, layers=[], lens={}, exits=[], rows=[])
-    html = render_report(r)
-    assert "No exit layers were evaluated" in html
-    assert "has no per-layer lens statistics" in html
-    assert "has no rows" in html
-    assert "<svg" not in html
-
-
-def test_ill_typed_results_are_a_results_error(tiny):
+@pytest.mark.parametrize("change, problem", [
+    (lambda r: r.update(run={}), "run: lacks 'data'"),
+    (lambda r: r["run"].__setitem__("versions", "3.11"), "run.versions: expected an object, got a string"),
+    (lambda r: r["lens"].pop("teacher_forced"), "lens: lacks 'teacher_forced'"),
+    (lambda r: r["exits"][0].__setitem__("bleu", float("nan")), "exits[0].bleu: expected a finite number or null, got NaN"),
+    (lambda r: r["lens"]["first_token"]["entropy"]["mean"].pop(), "lens.first_token.entropy.mean: 4 values for 5 layers"),
+    (lambda r: r["exits"][0].__setitem__("layer", 99), "exits: layer 99 is outside 1..4"),
+    (lambda r: r.update(layers=[0, 1]), "layers: expected 0..4 (the model has 4 blocks)"),
+    (lambda r: r["rows"][0].pop("generations"), "rows[0]: lacks 'generations'"),
+])
+def test_results_that_break_the_contract_are_one_line(tiny, change, problem):
+    """The report reads results by the typed contract (layerwise.results): a file that breaks it is
+    refused up front with the first problem — not a KeyError or a half-drawn page."""
     r = copy.deepcopy(tiny)
-    r["run"]["versions"] = "3.11"
-    with pytest.raises(ResultsError, match="unexpected shape") as info:
+    change(r)
+    with pytest.raises(ResultsError) as info:
         render_report(r)
+    assert f"results does not match the results schema: {problem}" in str(info.value)
     assert "\n" not in str(info.value)
 
 
@@ -486,3 +486,20 @@ def test_templates_ship_with_the_package():
 
     names = {p.name for p in resources.files("layerwise.templates").iterdir()}
     assert {"report.html.j2", "compare.html.j2", "_macros.html.j2", "_style.css"} <= names
+
+
+def test_the_schema_doc_lists_the_typed_contract():
+    """docs/results-schema.md's field reference is generated from layerwise.results.Results."""
+    from layerwise.results import doc_fields
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "results-schema.md").read_text(encoding="utf-8")
+    assert doc_fields() in doc, ("docs/results-schema.md is out of date: replace its generated field list with the output "
+                                 "of  python -c 'from layerwise.results import doc_fields; print(doc_fields())'")
+
+
+def test_a_real_run_matches_the_contract_exactly(tiny):
+    """Every key the runner wrote is declared (nothing undocumented slips into the file)."""
+    from layerwise.results import Results
+    from layerwise.schema import undeclared
+
+    assert undeclared(tiny, Results) == []

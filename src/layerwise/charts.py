@@ -238,7 +238,7 @@ def chart_example(example: dict, caption: str = "", index: int = 0) -> str | Non
 # --------------------------------------------------------------------------- (b–d) depth curves
 
 def _lens(results: dict, kind: str) -> dict:
-    part = (results.get("lens") or {}).get(kind)
+    part = results["lens"].get(kind)
     return part if isinstance(part, dict) else {}
 
 
@@ -255,7 +255,7 @@ def _wide_range(series: list) -> bool:
 def _depth_chart(results: dict, key: str, ylabel: str, title: str, name: str,
                  ylim: tuple[float, float] | None = None, symlog_if_wide: bool = False) -> str | None:
     ft, tf = _lens(results, "first_token"), _lens(results, "teacher_forced")
-    exits = (results.get("run") or {}).get("exit_layers") or []
+    exits = results["run"]["exit_layers"]
     series = [(ft.get(key), BLUE, "first response token (last prompt position)"),
               (tf.get(key), ORANGE, f"teacher-forced reference tokens ({tf.get('positions', '?')} positions)")]
     if not any(_band(s) is not None or (isinstance(s, list) and _has_values(s)) for s, _, _ in series):
@@ -364,7 +364,7 @@ def _metrics_figure(runs: list[tuple[list[dict], str, str]], name: str, title: s
 
 def chart_metrics(results: dict) -> str | None:
     """(e) BLEU (own axis, 0–100) and ROUGE-L / ROUGE-Lsum / BERTScore F1 (0–1) by exit layer."""
-    return _metrics_figure([(results.get("exits") or [], "-", "this run")], "metrics",
+    return _metrics_figure([(results["exits"], "-", "this run")], "metrics",
                            f"Generation quality by exit layer ({DEPTH_NOTE})")
 
 
@@ -390,7 +390,7 @@ def chart_grid(results: dict) -> tuple[str, str] | None:
 
     Returns (svg, note) where note says which layers/positions are shown, or None.
     """
-    grid = (results.get("lens") or {}).get("grid")
+    grid = results["lens"].get("grid")
     if not isinstance(grid, dict):
         return None
     toks, probs = grid.get("top_token"), grid.get("top_prob")
@@ -408,7 +408,7 @@ def chart_grid(results: dict) -> tuple[str, str] | None:
     n_pos = min(len(positions), min(len(r) for r in toks[:n_layers]), min(len(r) for r in probs[:n_layers]))
     if n_layers == 0 or n_pos == 0:
         return None
-    exits = (results.get("run") or {}).get("exit_layers") or []
+    exits = results["run"]["exit_layers"]
     li = _pick_layers(layers, exits, GRID_MAX_LAYERS)
     p0 = max(0, n_pos - GRID_MAX_POSITIONS)
     pi = list(range(p0, n_pos))
@@ -469,8 +469,8 @@ def chart_norm(results: dict) -> str | None:
             panels.append((part, label))
     if not panels:
         return None
-    vocab = ((results.get("run") or {}).get("model") or {}).get("vocab_size")
-    exits = (results.get("run") or {}).get("exit_layers") or []
+    vocab = ((results["run"]).get("model") or {}).get("vocab_size")
+    exits = results["run"]["exit_layers"]
     name = "norm"
     title = f"Lens entropy with and without the final norm ({DEPTH_NOTE})"
     with _style(name):
@@ -548,7 +548,7 @@ def chart_compare_metrics(old: dict, new: dict, labels: Sequence[str] = ("old", 
 
 
 def drift_of(results: dict) -> dict | None:
-    d = (results.get("lens") or {}).get("drift")
+    d = results["lens"].get("drift")
     if isinstance(d, dict) and _has_values(d.get("kl_mean")):
         return d
     return None

@@ -75,7 +75,7 @@ def add_report(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------- compare
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .report import write_compare
+    from .compare import write_compare
     from .results import load_results
 
     _check_paths({"OLD": args.old, "NEW": args.new}, args.output)

@@ -8,12 +8,15 @@ or ``layerwise_model`` in the ini file — unless ``--no-layer-suite`` is given.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 
 from .errors import LayerwiseError
 from .options import add_pytest_options
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .results import Results
 
 _KEY = pytest.StashKey["Any"]()
 
@@ -128,8 +131,9 @@ def layerwise_model(layerwise: Any) -> Any:
 
 
 @pytest.fixture(scope="session")
-def layerwise_results(layerwise: Any) -> dict[str, Any]:
-    """The whole results dict (docs/results-schema.md), computed once per session."""
+def layerwise_results(layerwise: Any) -> "Results":
+    """The whole results dict (typed by :class:`layerwise.results.Results`; docs/results-schema.md),
+    computed once per session."""
     return _guard(layerwise.results)
 
 

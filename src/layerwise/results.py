@@ -1,19 +1,227 @@
-"""The results JSON: its schema constants, reading and validation (writing lives with the runner)."""
+"""The results JSON: its one typed definition (TypedDicts), reading and full validation.
+
+Data flows one way: model → per-layer records → this file → tests, gate and report. The
+declarations below are the contract: the runner writes exactly this shape, :func:`load_results`
+and :func:`validate_results` check a file against it (types, finite numbers, required keys, and
+that per-layer curves have one value per layer), and the report, charts, baseline and fixtures
+read it by these names. docs/results-schema.md is tested against these declarations.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Required, TypedDict
 
 from .errors import ResultsError
 from .io import read_json
+from .schema import check
 
 SCHEMA = "pytest-layerwise/results"
 SCHEMA_VERSION = 1
 
+Num = float | None  # a statistic; null where it has no value (e.g. no positions)
 
-def load_results(path: str | Path) -> dict[str, Any]:
-    """Read a results JSON written by layerwise, or raise a one-line :class:`ResultsError`."""
+
+class ModelInfo(TypedDict, total=False):
+    spec: Required[str]
+    name: Required[str | None]
+    source: Required[str]  # "hub" | "folder" | "gguf" | "object"
+    model_type: Required[str]
+    architecture: Required[str]
+    num_layers: Required[int]
+    hidden_size: int | None
+    vocab_size: Required[int]
+    revision: str | None
+    file_sha256: str | None
+    dtype: Required[str | None]
+    device: Required[str]
+    quantization: dict[str, Any] | None
+    weight_bytes: int
+    adapter: dict[str, Any] | None
+    notes: list[str]
+    lens_proof: dict[str, Any]
+
+
+class DataInfo(TypedDict):
+    path: str
+    sha256: str
+    rows: int
+    limit: int | None
+    prompt_format: str
+
+
+class DecodingInfo(TypedDict):
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    seed: int
+
+
+class LensInfo(TypedDict, total=False):
+    final_norm: Required[bool]
+    teacher_forced_tokens: Required[int]
+    top_k: Required[int]
+
+
+class MetricsInfo(TypedDict):
+    bleu_signature: str
+    rouge: dict[str, Any]
+    bertscore: dict[str, Any] | None
+
+
+class RunInfo(TypedDict, total=False):
+    id: str
+    model: Required[ModelInfo]
+    data: Required[DataInfo]
+    decoding: Required[DecodingInfo]
+    exit_layers: Required[list[int]]
+    lens: Required[LensInfo]
+    metrics: Required[MetricsInfo]
+    versions: Required[dict[str, str]]
+    environment: dict[str, Any]
+
+
+class Band(TypedDict):
+    """A per-layer statistic over positions: mean and inter-quartile range, one value per layer."""
+
+    mean: list[Num]
+    q25: list[Num]
+    q75: list[Num]
+
+
+class Rank(TypedDict):
+    mean: list[Num]
+    median: list[Num]
+
+
+class LensSection(TypedDict, total=False):
+    entropy: Required[Band]
+    kl_to_final: Required[Band]
+    top1_agree: Required[list[Num]]
+    final_top1_rank: Required[Rank]
+    entropy_raw: Band  # the lens without the final norm (the original notebook's)
+    xent: Band  # cross-entropy of the true next token (teacher forcing)
+    xent_raw: Band
+    rows: int  # first_token: rows
+    positions: int  # teacher_forced: positions pooled
+
+
+class TopToken(TypedDict):
+    token: str
+    id: int
+    prob: Num
+
+
+class Example(TypedDict):
+    row: int
+    top: dict[str, list[TopToken]]  # exit layer (as a string) → top-k at the first response position
+
+
+class Grid(TypedDict):
+    row: int
+    positions: list[str]
+    layers: list[int]
+    top_token: list[list[str]]  # [layer][position]
+    top_prob: list[list[Num]]
+
+
+class Drift(TypedDict, total=False):
+    kl_mean: Required[list[Num]]
+    kl_q25: list[Num]
+    kl_q75: list[Num]
+    top1_agree: list[Num]
+    positions: int
+    against: str
+    label: str
+
+
+class Lens(TypedDict, total=False):
+    first_token: Required[LensSection]
+    teacher_forced: Required[LensSection]
+    examples: list[Example]
+    grid: Grid
+    drift: Drift
+
+
+class ExitRow(TypedDict, total=False):
+    layer: Required[int]
+    bleu: Required[Num]
+    rougeL: Required[Num]
+    rougeLsum: Num
+    bertscore_p: Num
+    bertscore_r: Num
+    bertscore_f1: Num
+    mean_len: Required[Num]
+    empty: Required[int]
+    first_entropy: Required[Num]
+    gen_entropy: Num
+
+
+class RowScores(TypedDict, total=False):
+    bleu: Num
+    rougeL: Num
+    bertscore_f1: Num
+
+
+class Row(TypedDict, total=False):
+    index: Required[int]
+    instruction: Required[str]
+    input: Required[str]
+    reference: Required[str]
+    prompt: Required[str]
+    generations: Required[dict[str, str]]
+    n_tokens: dict[str, int]
+    scores: dict[str, RowScores]
+
+
+class TestOutcome(TypedDict):
+    nodeid: str
+    outcome: str
+    message: str
+
+
+class GateDeviation(TypedDict):
+    metric: str
+    layer: int
+    baseline: float
+    value: Num
+    allowed: float
+
+
+class GateVerdict(TypedDict, total=False):
+    status: Required[Literal["passed", "failed", "not_gated"]]
+    line: Required[str]
+    baseline: str | None
+    checked: int
+    outside: int
+    why: str | None
+    refused: bool
+    warnings: list[str]
+    baseline_model: str | None
+    baseline_created: str | None
+    deviations: list[GateDeviation]
+    obtained: str
+
+
+class Results(TypedDict, total=False):
+    """The whole results JSON (docs/results-schema.md)."""
+
+    schema: Required[Literal["pytest-layerwise/results"]]
+    schema_version: Required[int]
+    run: Required[RunInfo]
+    layers: Required[list[int]]
+    lens: Required[Lens]
+    exits: Required[list[ExitRow]]
+    rows: Required[list[Row]]
+    tests: list[TestOutcome]
+    timing: dict[str, Any]
+    gate: GateVerdict
+
+
+def load_results(path: str | Path) -> Results:
+    """Read and fully validate a results JSON written by layerwise, or raise one ResultsError line."""
     p = Path(path)
     data = read_json(p, "results file", ResultsError, "pass the path that --results-json wrote",
                      "re-run to write it again; layerwise never leaves half-written files, so it was changed by hand or by another tool")
@@ -22,6 +230,7 @@ def load_results(path: str | Path) -> dict[str, Any]:
 
 
 def validate_results(data: Any, where: str = "results") -> None:
+    """Raise a one-line :class:`ResultsError` for the first way ``data`` breaks the contract."""
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise ResultsError(f"{where} is not a layerwise results file (no \"schema\": \"{SCHEMA}\")",
                            "pass a file written by --results-json or `layerwise run`")
@@ -30,6 +239,40 @@ def validate_results(data: Any, where: str = "results") -> None:
             f"{where} has schema version {data.get('schema_version')!r}; this layerwise reads version {SCHEMA_VERSION}",
             "re-run the suite with this version of pytest-layerwise to write it again",
         )
-    for key in ("run", "layers", "lens", "exits", "rows"):
-        if key not in data:
-            raise ResultsError(f"{where} lacks the section {key!r}", "re-run to write a complete results file")
+    problem = check(data, Results) or _shape(data)
+    if problem:
+        raise ResultsError(f"{where} does not match the results schema: {problem}",
+                           "re-run to write it again; it was changed by hand or written by another tool")
+
+
+def _shape(data: Results) -> str | None:
+    """What the types cannot say: one value per layer, exits within the model's depth."""
+    L = data["run"]["model"]["num_layers"]
+    if data["layers"] != list(range(L + 1)):
+        return f"layers: expected 0..{L} (the model has {L} blocks)"
+    for sec_name in ("first_token", "teacher_forced"):
+        sec = data["lens"][sec_name]
+        for stat, val in sec.items():
+            curves = {"": val} if isinstance(val, list) else (val if isinstance(val, dict) else {})
+            for part, curve in curves.items():
+                if isinstance(curve, list) and len(curve) != L + 1:
+                    name = f"lens.{sec_name}.{stat}" + (f".{part}" if part else "")
+                    return f"{name}: {len(curve)} values for {L + 1} layers"
+    for e in data["exits"]:
+        if not 1 <= e["layer"] <= L:
+            return f"exits: layer {e['layer']} is outside 1..{L}"
+    exits = [e["layer"] for e in data["exits"]]
+    if sorted(data["run"]["exit_layers"]) != sorted(exits):
+        return f"exits: layers {exits} differ from run.exit_layers {data['run']['exit_layers']}"
+    return None
+
+
+DOC_BEGIN = "<!-- fields: generated from layerwise.results.Results; tests/test_report.py checks it -->"
+DOC_END = "<!-- end of generated fields -->"
+
+
+def doc_fields() -> str:
+    """The field reference of docs/results-schema.md, generated from :class:`Results`."""
+    from .schema import describe
+
+    return "\n".join([DOC_BEGIN, "", *describe(Results), "", DOC_END])

@@ -171,10 +171,59 @@ def describe(tp: Any, indent: str = "") -> list[str]:
     for key, sub in hints.items():
         opt = "" if key in _required(tp) else " (optional)"
         inner = _unwrap(sub)
-        out.append(f"{indent}- `{key}`: {_name(sub)}{opt}")
+        out.append(f"{indent}- `{key}`: {_doc_name(sub)}{opt}")
         if inner is not None:
             out.extend(describe(inner, indent + "  "))
     return out
+
+
+def undeclared(value: Any, tp: Any, where: str = "") -> list[str]:
+    """Keys in ``value`` that ``tp`` does not declare (where a TypedDict describes the object)."""
+    out: list[str] = []
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for a in get_args(tp):
+            if _kind_matches(value, a):
+                return undeclared(value, a, where)
+        return out
+    if origin is list and isinstance(value, list):
+        (item,) = get_args(tp) or (Any,)
+        for i, v in enumerate(value):
+            out += undeclared(v, item, f"{where}[{i}]")
+    elif origin is dict and isinstance(value, dict):
+        _, item = get_args(tp) or (str, Any)
+        for k, v in value.items():
+            out += undeclared(v, item, f"{where}.{k}" if where else str(k))
+    elif _is_typeddict(tp) and isinstance(value, dict):
+        hints = _hints(tp)
+        for k, v in value.items():
+            here = f"{where}.{k}" if where else str(k)
+            if k not in hints:
+                out.append(here)
+            else:
+                out += undeclared(v, hints[k], here)
+    return out
+
+
+_PLURAL = {"a finite number": "finite numbers", "a whole number": "whole numbers", "a string": "strings",
+           "an object": "objects", "true/false": "true/false values", "a list": "lists", "any value": "values",
+           "a finite number or null": "finite numbers or nulls"}
+
+
+def _doc_name(tp: Any) -> str:
+    """Like the error messages' names, but saying what a list or object holds."""
+    origin = get_origin(tp)
+    if origin is list:
+        (item,) = get_args(tp) or (Any,)
+        inner = _doc_name(item)
+        return f"a list of {_PLURAL.get(inner, inner)}"
+    if origin is dict:
+        _, item = get_args(tp) or (str, Any)
+        inner = _doc_name(item)
+        return "an object" if item is Any else f"an object of {_PLURAL.get(inner, inner)}"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_doc_name(a) for a in get_args(tp))
+    return _name(tp)
 
 
 def _unwrap(tp: Any) -> Any:
@@ -188,4 +237,4 @@ def _unwrap(tp: Any) -> Any:
     return None
 
 
-__all__ = ["check", "describe"]
+__all__ = ["check", "describe", "undeclared"]

@@ -80,6 +80,9 @@ class LayerwiseSession:
             bundle = self.bundle()
             t0 = time.perf_counter()
             res = evaluate(self.settings.run, bundle=bundle, log=self.say, examples=self.check().examples)
+            from .results import validate_results
+
+            validate_results(res, "the results of this run")  # the runner keeps the contract it declares
             res["timing"]["load_s"] = round(self.phases.get("load", 0.0), 3)
             for k in ("lens_s", "generate_s", "metrics_s"):
                 self.phases[k[:-2]] = res["timing"][k]
