@@ -567,9 +567,23 @@ def test_tolerance_option_reaches_the_gate(pytester, tiny_llama_dir, tiny_llama_
 
 
 def test_xdist_results_are_merged_written_once_and_match_a_serial_run(pytester, tiny_llama_dir, lw_env):
-    """Every worker that uses a fixture computes the results; the controller takes one worker's
-    (pytest_testnodedown), records every test's outcome and writes the files once."""
+    """The tests that use the model share one worker (loadgroup), so the model loads once; the
+    controller takes that worker's results (pytest_testnodedown), records every test's outcome and
+    writes the files once."""
     pytest.importorskip("xdist")
+    pytester.makeconftest("""
+        import os
+        import layerwise.models
+
+        _load = layerwise.models.load_model
+
+        def _counted(*args, **kwargs):
+            with open("model_loads.txt", "a") as fh:
+                fh.write(f"{os.getpid()}\\n")
+            return _load(*args, **kwargs)
+
+        layerwise.models.load_model = _counted
+    """)
     pytester.makepyfile(test_user=USER_TESTS)
     pytester.makepyfile(test_more="""
         def test_rows(layerwise_results):
@@ -581,6 +595,7 @@ def test_xdist_results_are_merged_written_once_and_match_a_serial_run(pytester, 
     result = pytester.runpytest_subprocess(*tiny(tiny_llama_dir, "-n", "2", "-p", "no:cacheprovider"))
     result.assert_outcomes(passed=4, failed=1, skipped=1)
     out = result.stdout.str()
+    assert len((pytester.path / "model_loads.txt").read_text().split()) == 1  # once, not once per worker
     assert out.count("wrote results") == 1 and out.count("wrote report") == 1 and out.count("= layerwise =") == 1
     result.stdout.fnmatch_lines(["exit layer*BLEU*", "         1 *", "         2 *"])
     par = json.loads((pytester.path / "reports" / "results.json").read_text())
@@ -590,11 +605,13 @@ def test_xdist_results_are_merged_written_once_and_match_a_serial_run(pytester, 
     assert (pytester.path / "reports" / "report.html").stat().st_size > 0
     assert sorted(p.name for p in (pytester.path / "reports").iterdir()) == ["report.html", "results.json"]
 
+    (pytester.path / "conftest.py").unlink()
     pytester.runpytest(*tiny(tiny_llama_dir, "--results-json", "ser.json")).assert_outcomes(passed=4, failed=1, skipped=1)
     ser = json.loads((pytester.path / "ser.json").read_text())
     for d in (par, ser):
         d.pop("timing")
         d["run"].pop("versions")
+        d["run"].pop("id")  # each write's own run id
     # Another process may round the last printed digit differently (float32 kernels can differ
     # across processes); everything else must be identical.
     assert _approx_equal(par, ser)

@@ -93,6 +93,63 @@ def pytest_configure(config: pytest.Config) -> None:
         _add_suite(config)
 
 
+#: Fixtures that need the model or its results: tests using them share one xdist worker.
+MODEL_FIXTURES = frozenset({"layerwise", "layerwise_model", "layerwise_results", "layer_lens", "early_exit_generations",
+                            "exit_metrics", "layerwise_baseline"})
+XDIST_GROUP = "layerwise"
+
+
+def _group_folder(config: pytest.Config) -> str:
+    """The folder (one per controller) where workers list their tests that use the model."""
+    folder = config.stash.get(_GROUP_KEY, None)
+    if folder is None:
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="layerwise-xdist-")
+        config.stash[_GROUP_KEY] = folder
+    return folder
+
+
+_GROUP_KEY = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist controller: where this worker lists its tests that use the model."""
+    if node.config.getvalue("dist") == "load":
+        node.workerinput["layerwise_group_folder"] = _group_folder(node.config)
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``pytest -n N`` (xdist's ``load``): the tests that use the model share one worker, so the model
+    loads and the evaluation runs once per session (see :mod:`layerwise.xdist_group`)."""
+    if config.getvalue("dist") != "load" or _GROUP_KEY not in config.stash:
+        return None
+    from .xdist_group import ModelGroupScheduling
+
+    return ModelGroupScheduling(config, log, config.stash[_GROUP_KEY])
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    folder = (getattr(config, "workerinput", None) or {}).get("layerwise_group_folder")
+    if folder is None:
+        return
+    from .xdist_group import write_worker_ids
+
+    grouped = [item.nodeid for item in items if MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))]
+    write_worker_ids(folder, config.workerinput["workerid"], grouped)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder = config.stash.get(_GROUP_KEY, None)
+    if folder is not None:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_pycollect_makemodule(module_path: Path, parent: Any) -> Any:
     """The shipped suite collected from site-packages (outside the rootdir) gets readable node ids,

@@ -59,8 +59,13 @@ def inputs_of(settings: Settings) -> dict[str, Path | None]:
 def preflight(settings: Settings, outputs: dict[str, Path | None] | None = None) -> Checked:
     """Check everything that needs no model; returns the prompt rows and the baseline."""
     from .data import default_prompts_path, load_examples
+    from .models import check_revision, resolve_spec
 
     run = settings.run
+    src = resolve_spec(run.model)  # a missing path or package is one line now, not after the session starts
+    check_revision(src.kind, run.model, run.revision)
+    if run.drift_against:
+        resolve_spec(run.drift_against)
     outs = outputs_of(settings) if outputs is None else outputs
     for name, path in outs.items():
         if path is not None:

@@ -148,7 +148,8 @@ class LayerwiseSession:
         """Keep each test's outcome: its call, or a failing/skipping setup, or a failing teardown."""
         if not (report.when == "call" or (report.when in ("setup", "teardown") and not report.passed)):
             return
-        if report.when == "teardown" and report.nodeid in self.outcomes and report.passed:
+        nodeid = report.nodeid
+        if report.when == "teardown" and nodeid in self.outcomes and report.passed:
             return
         msg = ""
         outcome = report.outcome
@@ -165,7 +166,7 @@ class LayerwiseSession:
                 outcome = "error"
         elif report.skipped and isinstance(report.longrepr, tuple):
             msg = str(report.longrepr[2])
-        self.outcomes[report.nodeid] = {"nodeid": report.nodeid, "outcome": outcome, "message": msg}
+        self.outcomes[nodeid] = {"nodeid": nodeid, "outcome": outcome, "message": msg}
 
     def finish(self, exitstatus: int) -> None:
         """Write results JSON, report, baseline (if asked) and the obtained file of a failed gate as
