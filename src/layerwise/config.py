@@ -248,19 +248,60 @@ def check_device_map(device_map: Any) -> None:
 
 
 
+def _percent(x: Any) -> float | None:
+    """``"25%"`` → 25.0; anything else → None."""
+    if isinstance(x, str) and x.strip().endswith("%"):
+        try:
+            return float(x.strip()[:-1])
+        except ValueError:
+            return None
+    return None
+
+
 def check_exit_syntax(exits: Sequence[Any]) -> None:
-    """What can be said of exit layers without the model: whole numbers ≥ 1, each once."""
+    """What can be said of exit layers without the model: whole numbers ≥ 1, or relative depths
+    ``p%`` with 0 < p ≤ 100 (not both kinds), each once."""
     if not exits:
-        raise ConfigError("--exit-layers is empty", "pass layers like 8,16,24,32")
+        raise ConfigError("--exit-layers is empty", "pass layers like 8,16,24,32 or depths like 25%,50%,75%,100%")
+    relative = [x for x in exits if isinstance(x, str)]
+    if relative and len(relative) != len(exits):
+        raise ConfigError("--exit-layers mixes layers and relative depths", "pass either layers (8,16,32) or depths (25%,50%,100%)")
     for x in exits:
+        if isinstance(x, str):
+            p = _percent(x)
+            if p is None or not 0 < p <= 100:
+                raise ConfigError(f"exit layer {x!r} is not a relative depth in (0%, 100%]", "pass depths like 25%,50%,75%,100%")
+            continue
         if isinstance(x, bool) or not isinstance(x, int):
             raise ConfigError(f"exit layer {x!r} is not a whole number", "pass layers like 8,16,24,32")
         if x < 1:
             raise ConfigError(f"exit layer {x} is not a block output (layers are 1..L; layer k = output of block k)",
                               "pass layers between 1 and the model's number of blocks")
-    dup = sorted({x for x in exits if list(exits).count(x) > 1})
+    dup = sorted({str(x) for x in exits if list(exits).count(x) > 1})
     if dup:
         raise ConfigError(f"exit layer {dup[0]} is given twice", "list each exit layer once")
+
+
+def resolve_exits(exits: Sequence[Any] | None, num_layers: int) -> tuple[list[int], list[str] | None]:
+    """Exit layers for a model of ``num_layers`` blocks, and — for relative exits — their specs.
+
+    ``None``: ceil(q·L/4), q = 1..4. Relative ``p%``: layer ceil(p/100 · L) (at least 1), so
+    ``25%,50%,75%,100%`` is the default for any depth; a baseline made with relative exits gates
+    a model of another depth, exits matched by spec.
+    """
+    if exits is None:
+        return default_exits(num_layers), None
+    if exits and all(isinstance(x, str) for x in exits):
+        check_exit_syntax(exits)
+        specs = [f"{_percent(x):g}%" for x in exits]
+        layers = [max(1, math.ceil(_percent(x) / 100 * num_layers - 1e-9)) for x in exits]
+        pairs = sorted(zip(layers, specs))
+        for (la, sa), (lb, sb) in zip(pairs, pairs[1:]):
+            if la == lb:
+                raise ConfigError(f"exit depths {sa} and {sb} are both layer {la} of this {num_layers}-block model",
+                                  "pass depths further apart")
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+    return validate_exits(exits, num_layers), None
 
 
 def validate_exits(exits: Sequence[Any], num_layers: int) -> list[int]:

@@ -74,7 +74,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("bnb-4bit-double-quant", "4-bit double quantization (--no-bnb-4bit-double-quant to turn it off)", True,
            "bool", scope="model"),
     # -- run: what to compute
-    Option("exit-layers", "comma-separated exit layers 1..L (layer k = output of block k); "
+    Option("exit-layers", "comma-separated exit layers 1..L (layer k = output of block k), or relative depths "
+           "such as 25%,50%,75%,100% (a baseline made with these gates a model of another depth); "
            "default ceil(q·L/4) for q = 1..4", None, "list"),
     Option("prompts", "prompts file: JSONL or CSV with instruction/input/output or prompt/reference "
            "(default: the shipped 62-row Alpaca-cleaned sample)", kind="path"),
@@ -166,10 +167,13 @@ def convert(opt: Option, raw: Any, base: Path | None = None) -> Any:
         items = [x.strip() for x in str(raw).replace(" ", ",").split(",") if x.strip()]
         out = []
         for x in items:
+            if x.endswith("%"):
+                out.append(x)  # a relative depth, checked with the others by config.check_exit_syntax
+                continue
             try:
                 out.append(int(x))
             except ValueError:
-                raise ConfigError(f"{where}: {x!r} is not a whole number", "pass layers like 8,16,24,32") from None
+                raise ConfigError(f"{where}: {x!r} is not a whole number", "pass layers like 8,16,24,32 or depths like 25%,50%,100%") from None
         return out
     if opt.kind == "path":
         s = str(raw)
