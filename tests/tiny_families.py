@@ -56,29 +56,34 @@ DEPTHS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_lay
 # Sizes whose default None switches a feature off (no sliding window, no query LoRA): left off.
 OPTIONAL = {"sliding_window", "sliding_window_size", "q_lora_rank"}
 
-_MLA_SAME_KV = {"num_key_value_heads": HEADS}
 OVERRIDES: dict[str, dict[str, Any]] = {
-    "axk2": _MLA_SAME_KV,
+    "bamba": {"attn_layer_indices": [1, 3]},
     "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
     "cpmant": {"dim_head": HEAD_DIM, "dim_ff": 64, "position_bias_num_buckets": 32, "position_bias_max_distance": 64,
                "prompt_types": 3, "prompt_length": 2},
     "dbrx": {"attn_config": {"kv_n_heads": KV_HEADS, "rope_theta": 10000.0, "clip_qkv": 8.0},
              "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2}},
-    "deepseek_v32": _MLA_SAME_KV,
     "dots1": {"n_shared_experts": 1},
-    "dots3_note_text": {**_MLA_SAME_KV, "per_layer_config": {}, "shared_experts_intermediate_size": 32},
+    "dots3_note_text": {"num_key_value_heads": HEADS, "per_layer_config": {}, "shared_experts_intermediate_size": 32},
     "ernie4_5_moe": {"moe_k": 2, "moe_layer_start_index": 0, "moe_layer_end_index": LAYERS - 1,
                      "moe_num_shared_experts": 1},
     "falcon_h1": {"mamba_d_ssm": 64},
     "gemma3n_text": {"num_kv_shared_layers": 0, "vocab_size_per_layer_input": VOCAB,
                      "hidden_size_per_layer_input": 8, "laurel_rank": 4},
+    "gemma4_assistant": {"text_config": {"model_type": "gemma4_text", "hidden_size_per_layer_input": 0,
+                                         "vocab_size_per_layer_input": 0}},
+    "dots3_note": {"vision_config": {"adapter_in_dim": HIDDEN, "adapter_out_dim": HIDDEN},
+                   "audio_config": {"adapter_input_size": HIDDEN, "adapter_out_dim": HIDDEN},
+                   "text_config": {"num_key_value_heads": HEADS, "per_layer_config": {}}},
     "gemma4_text": {"vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8},
-    "glm_moe_dsa": _MLA_SAME_KV,
     "gpt_neo": {"attention_types": [[["global", "local"], LAYERS // 2]], "window_size": 4},
     "inkling2_text": {"unpadded_vocab_size": VOCAB, "d_rel": 4, "rel_extent": 64, "n_layers_per_attn_res_block": 2},
     "inkling2_loop_text": {"unpadded_vocab_size": VOCAB, "d_rel": 4, "rel_extent": 64, "n_layers_per_attn_res_block": 2},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"] * (LAYERS // 2)},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
     "kimi_linear": {"linear_head_dim": 8, "linear_num_heads": 4},
     "longcat_flash": {"head_dim": 4, "ffn_hidden_size": 64, "zero_expert_num": 2, "expert_ffn_hidden_size": 32},
+    "lfm2": {"layer_types": ["conv", "full_attention"] * (LAYERS // 2)},
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"], "num_dense_layers": 1},
     "mamba2": {"head_dim": 16, "n_groups": 1, "chunk_size": 16, "time_step_rank": 8},
     "xlm": {"emb_dim": HIDDEN, "is_decoder": True},
@@ -131,6 +136,7 @@ def shrink_kwargs(cls: Any, model_type: str | None = None) -> dict[str, Any]:
         kw["per_layer_config"] = {}
     for name, sub in (getattr(cls, "sub_configs", None) or {}).items():
         sub_type = (d.get(name) or {}).get("model_type") if isinstance(d.get(name), dict) else None
+        sub_type = sub_type or OVERRIDES.get(model_type or "", {}).get(name, {}).get("model_type")
         if sub_type:
             from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -139,6 +145,8 @@ def shrink_kwargs(cls: Any, model_type: str | None = None) -> dict[str, Any]:
             kw[name] = shrink_kwargs(sub, sub_type)
             if sub_type:
                 kw[name]["model_type"] = sub_type
+    if "kv_lora_rank" in names:  # multi-head latent attention: as many key/value heads as query heads
+        kw["num_key_value_heads"] = HEADS
     for key, value in OVERRIDES.get(model_type or "", {}).items():
         kw[key] = {**kw[key], **value} if isinstance(value, dict) and isinstance(kw.get(key), dict) else value
     return kw
@@ -155,6 +163,14 @@ def tiny_config(model_type: str) -> Any:
             c.tie_word_embeddings = False
     return cfg
 
+
+# Model types no tiny model can be made of here, with why (tests/test_families.py checks each
+# still fails to build, so none stays listed once it can be made).
+NO_TINY_MODEL: dict[str, str] = {
+    "gemma3n": "its vision tower needs the timm package",
+    "musicgen": "an audio model: its config nests a text encoder and a decoder of audio codebooks",
+    "musicgen_melody": "an audio model: its config nests a text encoder and a decoder of audio codebooks",
+}
 
 # What a family needs after it is built to run on input ids alone.
 AFTER_BUILD: dict[str, Any] = {

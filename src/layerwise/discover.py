@@ -182,8 +182,15 @@ def discover(model: Any, probe_length: int = 8) -> ArchSpec:
     watched = [m for m in model.modules() if id(m) not in in_lists and m is not model]
     watched += [el for _n, lst in lists for el in lst]
     vocab = int(getattr(emb_out, "out_features", None) or emb_out.weight.shape[0])
-    tr = _trace(model, watched, probe_ids(vocab, probe_length))
     what = type(model).__name__
+    try:
+        tr = _trace(model, watched, probe_ids(vocab, probe_length))
+    except Exception as exc:  # noqa: BLE001 - reported as the reason for refusing
+        text = " ".join(str(exc).split())
+        raise UnsupportedArchitectureError(
+            f"{what}: its own forward on {probe_length} probe tokens raises {type(exc).__name__}: {text[:160]}",
+            "layerwise needs a model that runs on token ids alone",
+        ) from None
 
     # Blocks: every element ran exactly once, each after the previous one finished.
     best = None

@@ -21,7 +21,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .archs import Adapter
+from .archs import ARCHITECTURES, Adapter
+from .discover import discover
 from .discover import hidden_of, probe_device, probe_ids
 from .errors import UnsupportedArchitectureError
 from .lens import capture_hidden, position_ids_from_mask
@@ -51,7 +52,8 @@ def tolerance(model: Any, logits: Any) -> float:
     return rel * max(1.0, float(logits.abs().max()))
 
 
-def _accepts(module: Any, name: str) -> bool:
+def accepts(module: Any, name: str) -> bool:
+    """Whether ``module.forward`` takes an argument ``name`` (True when its signature is hidden)."""
     import inspect
 
     try:
@@ -100,16 +102,19 @@ def prove(adapter: Adapter, how: str, probe_length: int = PROBE_LENGTH) -> dict[
             "layerwise refuses rather than show a wrong lens; fix or add its row in layerwise.archs.ARCHITECTURES",
         )
 
-    def decoder_output(**extra: Any) -> Any:
-        return hidden_of(adapter.decoder(input_ids=ids, attention_mask=mask, use_cache=False, **extra))
+    def decoder_output(x: Any = ids, m: Any = mask, **extra: Any) -> Any:
+        return hidden_of(adapter.decoder(input_ids=x, attention_mask=m, use_cache=False, **extra))
 
-    with torch.inference_mode():
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    try:
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    except Exception as exc:  # noqa: BLE001 - reported as the reason for refusing
+        raise refuse(f"the model's own forward on {probe_length} probe tokens raises {type(exc).__name__}: {_line(exc)}") from None
     # Layer L as the lens reads it: the decoder called on its own, its blocks watched.
     for j, b in enumerate(blocks):
         handles.append(b.register_forward_pre_hook(pre(j), with_kwargs=True))
     handles.append(blocks[-1].register_forward_hook(lambda _m, _a, out: last_out.append(hidden_of(out).detach().clone())))
-    kwargs = {"position_ids": position_ids_from_mask(mask)} if _accepts(adapter.decoder, "position_ids") else {}
+    kwargs = {"position_ids": position_ids_from_mask(mask)} if accepts(adapter.decoder, "position_ids") else {}
     try:
         with torch.inference_mode(), capture_hidden(adapter) as store:
             dec_out = decoder_output(**kwargs)
@@ -119,6 +124,10 @@ def prove(adapter: Adapter, how: str, probe_length: int = PROBE_LENGTH) -> dict[
         for h in handles:
             h.remove()
 
+    shapes = {tuple(t.shape) for t in (dec_out, last_out[-1] if last_out else None) if isinstance(t, torch.Tensor)}
+    if any(len(sh) != 3 for sh in shapes) or len(last_out) != 1:
+        raise refuse(f"its hidden states have shape {sorted(shapes)}, not (batch, positions, width): it keeps "
+                     "several streams per position, and the lens reads one vector per position and layer")
     if calls != [1] * L or order != list(range(L)):
         bad = next(j for j in range(L) if calls[j] != 1) if calls != [1] * L else None
         raise refuse(f"block {bad + 1} of {spec.blocks} ran {calls[bad]} times in one forward" if bad is not None
@@ -157,6 +166,7 @@ def prove(adapter: Adapter, how: str, probe_length: int = PROBE_LENGTH) -> dict[
     if not d_norm <= tol:
         raise refuse(f"block {L}'s output through {tail} differs from the model's logits by {d_norm:.3g} "
                      f"(tolerance {tol:.2g})")
+    d_pad = _padding_diff(adapter, ids, mask, logits, decoder_output)
     return {
         "parts": how,
         "decoder": spec.decoder,
@@ -169,8 +179,47 @@ def prove(adapter: Adapter, how: str, probe_length: int = PROBE_LENGTH) -> dict[
         "tolerance": float(f"{tol:.3g}"),
         "dtype": compute_dtype(model),
         "probe_tokens": probe_length,
+        # Prompts of different lengths are batched with left padding; a model whose outputs move
+        # with it (positions counted from the first pad, pad-dependent state) runs one at a time.
+        "left_padding_exact": d_pad <= tol,
+        "left_padding_diff": d_pad,
         "seconds": round(time.perf_counter() - t0, 4),
     }
+
+
+PAD = 3
+
+
+def _padding_diff(adapter: Adapter, ids: Any, mask: Any, logits: Any, decoder_output: Any) -> float:
+    """How far the probe's logits move when it is left-padded by PAD tokens: through the decoder
+    as the lens calls it, and through the model as the decode calls it (max of the two)."""
+    import torch
+
+    pids = torch.cat([torch.zeros_like(ids[:, :PAD]), ids], dim=1)
+    pmask = torch.cat([torch.zeros_like(mask[:, :PAD]), mask], dim=1)
+    pos = position_ids_from_mask(pmask)
+    model = adapter.model
+    try:
+        with torch.inference_mode():
+            lens = adapter.unembed(decoder_output(
+                pids, pmask, **({"position_ids": pos} if accepts(adapter.decoder, "position_ids") else {}))[:, PAD:], norm=False)
+            extra = {"position_ids": pos} if accepts(model, "position_ids") else {}
+            own = model(input_ids=pids, attention_mask=pmask, use_cache=False, **extra).logits[:, PAD:].float()
+    except Exception:  # noqa: BLE001 - a model that cannot take padded input is not padding-exact
+        return float("inf")
+    if lens.shape != logits.shape or own.shape != logits.shape:
+        return float("inf")
+    return max(float((lens.to(logits.device) - logits).abs().max()), float((own.to(logits.device) - logits).abs().max()))
+
+
+def proven_adapter(model: Any) -> tuple[Adapter, dict[str, Any]]:
+    """The model's adapter — its table row, else discovered — and the proof's record.
+
+    Raises :class:`UnsupportedArchitectureError` when the parts cannot be found or proven.
+    """
+    row = ARCHITECTURES.get(str(getattr(model.config, "model_type", None)))
+    adapter = Adapter(model, row or discover(model))
+    return adapter, prove(adapter, "table" if row else "discovered")
 
 
 def _path(model: Any, module: Any) -> str:
