@@ -87,7 +87,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"], "num_dense_layers": 1},
     "mamba2": {"head_dim": 16, "n_groups": 1, "chunk_size": 16, "time_step_rank": 8},
     "xlm": {"emb_dim": HIDDEN, "is_decoder": True},
-    "reformer": {"is_decoder": True, "axial_pos_embds_dim": [8, 24], "axial_pos_shape": [16, 16],
+    "reformer": {"axial_pos_embds_dim": [8, 24], "axial_pos_shape": [16, 16],
                  "local_attn_chunk_length": 4, "lsh_attn_chunk_length": 4, "num_buckets": 2},
     "roc_bert": {"pronunciation_embed_dim": 8, "pronunciation_vocab_size": 16, "shape_embed_dim": 8,
                  "shape_vocab_size": 16},
@@ -145,6 +145,8 @@ def shrink_kwargs(cls: Any, model_type: str | None = None) -> dict[str, Any]:
             kw[name] = shrink_kwargs(sub, sub_type)
             if sub_type:
                 kw[name]["model_type"] = sub_type
+    if "is_decoder" in names:  # encoder families (BERT, RoBERTa, ...) run causally only as decoders
+        kw["is_decoder"] = True
     if "kv_lora_rank" in names:  # multi-head latent attention: as many key/value heads as query heads
         kw["num_key_value_heads"] = HEADS
     for key, value in OVERRIDES.get(model_type or "", {}).items():

@@ -1,15 +1,16 @@
 """Where each architecture keeps its blocks, final norm and unembedding — as data, not code.
 
-Every supported family is one row of :data:`ARCHITECTURES`, keyed by ``config.model_type``: dotted
-module paths relative to the ``*ForCausalLM`` model, plus the config attributes of anything the
-model applies to its logits after the head. :class:`Adapter` resolves a row against a loaded model
+A family with a row in :data:`ARCHITECTURES`, keyed by ``config.model_type``, has its parts here:
+dotted module paths relative to the ``*ForCausalLM`` model, plus the config attributes of anything
+the model applies to its logits after the head. Any other model has them found from its own
+structure (:mod:`layerwise.discover`), and either way they are proven at load
+(:mod:`layerwise.proof`). :class:`Adapter` resolves a row against a loaded model
 and gives the lens its one operation, :meth:`Adapter.unembed` — final norm, whatever sits between
 norm and head, the head, and the logit post-processing — so that ``unembed(output of block L)``
 is exactly the model's own logits.
 
-Adding a family: add a row, then add its tiny config to ``tests/tiny_models.py``; the test suite
-checks that layer L of the lens equals the model's logits and that early exits equal a truncated
-copy of the model.
+A row is for what discovery cannot see, or for speed; tests/test_families.py tries every model
+type transformers ships and writes docs/architectures.md.
 """
 
 from __future__ import annotations
@@ -75,9 +76,8 @@ def spec_for(model_type: str) -> ArchSpec:
         return ARCHITECTURES[model_type]
     except KeyError:
         raise UnsupportedArchitectureError(
-            f"model_type {model_type!r} is not supported (supported: {', '.join(supported_model_types())})",
-            "add a row for it to layerwise.archs.ARCHITECTURES (module paths of its blocks, final norm "
-            "and head) and its tiny config to tests/tiny_models.py",
+            f"model_type {model_type!r} has no row in layerwise.archs (rows: {', '.join(supported_model_types())})",
+            "build its adapter with layerwise.proof.proven_adapter(model), which discovers and proves the parts",
         ) from None
 
 

@@ -159,6 +159,8 @@ def check_early_exit(model_type: str, padded: bool = False) -> None:
         )
 
 
-def unpadded_only(model_type: str) -> bool:
-    """Whether prompts must run one at a time (no left padding) for this family's early exit."""
-    return model_type in EARLY_EXIT_UNPADDED
+def batch_prompts(model_type: str, lens_proof: dict | None) -> bool:
+    """Whether prompts of different lengths may share a left-padded batch: not for a family whose
+    early exit is exact one prompt at a time, nor for a model whose load proof saw its logits move
+    with left padding."""
+    return model_type not in EARLY_EXIT_UNPADDED and bool((lens_proof or {}).get("left_padding_exact", True))

@@ -1,7 +1,7 @@
 """The load-time proof that the lens reads this model right, for every model (table row or discovered).
 
-One forward of the model over a few probe tokens, with hooks on the blocks and the decoder, must
-show that
+A forward of the model over a few probe tokens, and one of its decoder the way the lens calls it
+(with hooks on the blocks), must show that
 
 1. the blocks run each exactly once, in order, and block j+1 takes exactly block j's output
    (so "layer k = output of block k" is the model's own residual stream);
@@ -18,12 +18,10 @@ a silently wrong lens. The hooks are removed and nothing else about the model ch
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from .archs import ARCHITECTURES, Adapter
-from .discover import discover
-from .discover import hidden_of, probe_device, probe_ids
+from .discover import discover, hidden_of, probe_device, probe_ids
 from .errors import UnsupportedArchitectureError
 from .lens import capture_hidden, position_ids_from_mask
 
@@ -62,24 +60,29 @@ def accepts(module: Any, name: str) -> bool:
         return True
 
 
+PAD = 3  # pad tokens in the padded probe row
+
+
 def prove(adapter: Adapter, how: str, probe_length: int = PROBE_LENGTH) -> dict[str, Any]:
     """Prove ``adapter`` on its model; return the proof's record or raise UnsupportedArchitectureError.
 
     ``how`` says where the parts came from ("table" or "discovered") and goes into the record.
+    Three forwards: the model on the probe (its own logits); the decoder on the probe the way the
+    lens calls it, its blocks watched; and the decoder on the probe left-padded by PAD tokens,
+    which shows whether left padding moves the lens.
     """
     import torch
 
-    t0 = time.perf_counter()
     model = adapter.model
     spec = adapter.spec
     blocks = list(adapter.blocks)
     L = len(blocks)
+    T = probe_length
     what = f"{type(model).__name__} (model_type {adapter.model_type!r}, parts {how})"
     calls = [0] * L
     order: list[int] = []
     inputs: dict[int, Any] = {}
     last_out: list[Any] = []
-    handles = []
 
     def pre(j: int) -> Any:
         def hook(_mod: Any, args: tuple, kwargs: dict) -> None:
@@ -90,44 +93,57 @@ def prove(adapter: Adapter, how: str, probe_length: int = PROBE_LENGTH) -> dict[
                 inputs[j] = h.detach().clone()
         return hook
 
-    emb = adapter.head
-    vocab = int(getattr(emb, "out_features", None) or emb.weight.shape[0])
-    ids = torch.tensor([probe_ids(vocab, probe_length)], device=probe_device(model))
-    mask = torch.ones_like(ids)
-    head_name = " → ".join(spec.head) or _path(model, adapter.head)
-
     def refuse(problem: str) -> UnsupportedArchitectureError:
         return UnsupportedArchitectureError(
             f"{what}: the lens cannot be proven — {problem}",
             "layerwise refuses rather than show a wrong lens; fix or add its row in layerwise.archs.ARCHITECTURES",
         )
 
-    def decoder_output(x: Any = ids, m: Any = mask, **extra: Any) -> Any:
+    emb = adapter.head
+    vocab = int(getattr(emb, "out_features", None) or emb.weight.shape[0])
+    dev = probe_device(model)
+    probe = torch.tensor([probe_ids(vocab, T)], device=dev)
+    ones = torch.ones_like(probe)
+    takes_pos = accepts(adapter.decoder, "position_ids")
+
+    def lens_forward(x: Any, m: Any) -> Any:  # the decoder, called the way the lens calls it
+        extra = {"position_ids": position_ids_from_mask(m)} if takes_pos else {}
         return hidden_of(adapter.decoder(input_ids=x, attention_mask=m, use_cache=False, **extra))
+    head_name = " → ".join(spec.head) or _path(model, adapter.head)
 
     try:
         with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            logits = model(input_ids=probe, attention_mask=ones, use_cache=False).logits.float()
     except Exception as exc:  # noqa: BLE001 - reported as the reason for refusing
-        raise refuse(f"the model's own forward on {probe_length} probe tokens raises {type(exc).__name__}: {_line(exc)}") from None
+        raise refuse(f"the model's own forward on {T} probe tokens raises {type(exc).__name__}: {_line(exc)}") from None
+    if getattr(model.config, "is_decoder", True) is False:  # an encoder family's config: is it causal here?
+        changed = probe.clone()
+        changed[0, -1] = (changed[0, -1] + 1) % vocab
+        with torch.inference_mode():
+            moved = model(input_ids=changed, attention_mask=ones, use_cache=False).logits.float()
+        if not torch.allclose(moved[:, :-1], logits[:, :-1], rtol=0, atol=tolerance(model, logits)):
+            raise UnsupportedArchitectureError(
+                f"{what}: it is not causal — changing the last probe token changes the logits at earlier "
+                "positions (an encoder: its attention sees later tokens)",
+                "load it as a decoder (is_decoder=True in its config), or pass a causal language model",
+            )
     # Layer L as the lens reads it: the decoder called on its own, its blocks watched.
-    for j, b in enumerate(blocks):
-        handles.append(b.register_forward_pre_hook(pre(j), with_kwargs=True))
+    handles = [b.register_forward_pre_hook(pre(j), with_kwargs=True) for j, b in enumerate(blocks)]
     handles.append(blocks[-1].register_forward_hook(lambda _m, _a, out: last_out.append(hidden_of(out).detach().clone())))
-    kwargs = {"position_ids": position_ids_from_mask(mask)} if accepts(adapter.decoder, "position_ids") else {}
     try:
         with torch.inference_mode(), capture_hidden(adapter) as store:
-            dec_out = decoder_output(**kwargs)
+            dec_out = lens_forward(probe, ones)
     except Exception as exc:  # noqa: BLE001 - reported as the reason for refusing
         raise refuse(f"calling {spec.decoder} the way the lens does raises {type(exc).__name__}: {_line(exc)}") from None
     finally:
         for h in handles:
             h.remove()
 
-    shapes = {tuple(t.shape) for t in (dec_out, last_out[-1] if last_out else None) if isinstance(t, torch.Tensor)}
-    if any(len(sh) != 3 for sh in shapes) or len(last_out) != 1:
-        raise refuse(f"its hidden states have shape {sorted(shapes)}, not (batch, positions, width): it keeps "
-                     "several streams per position, and the lens reads one vector per position and layer")
+    shapes = sorted({tuple(t.shape) for t in (dec_out, *last_out) if isinstance(t, torch.Tensor)})
+    if len(last_out) != 1 or any(len(sh) != 3 or sh[:2] != tuple(probe.shape) for sh in shapes):
+        raise refuse(f"its hidden states have shape {shapes}, not (batch, positions, width): it keeps several "
+                     "streams per position, or other positions than its input, and the lens reads one vector per "
+                     "position and layer")
     if calls != [1] * L or order != list(range(L)):
         bad = next(j for j in range(L) if calls[j] != 1) if calls != [1] * L else None
         raise refuse(f"block {bad + 1} of {spec.blocks} ran {calls[bad]} times in one forward" if bad is not None
@@ -137,10 +153,12 @@ def prove(adapter: Adapter, how: str, probe_length: int = PROBE_LENGTH) -> dict[
         if got is None or store.get(j) is None or got.shape != store[j].shape or not torch.equal(got, store[j]):
             raise refuse(f"block {j + 1} of {spec.blocks} does not take block {j}'s output as its input "
                          "(the decoder changes the hidden state between blocks)")
+
     tol = tolerance(model, logits)
     post = ", ".join(f"{k.removeprefix('logit_')} {getattr(spec, k)}" for k in ("logit_scale", "logit_divide", "logit_softcap")
                      if getattr(spec, k)) or "none"
     tail = " → ".join([spec.final_norm or "(no final norm)", *spec.between, head_name])
+    at_l = f"layer L ({head_name} on the output of {spec.decoder}, logit post-processing: {post})"
 
     def diff(hidden: Any, norm: bool, what_: str) -> float:
         try:
@@ -152,21 +170,26 @@ def prove(adapter: Adapter, how: str, probe_length: int = PROBE_LENGTH) -> dict[
             raise refuse(f"{what_} gives logits of shape {tuple(got.shape)}, the model {tuple(logits.shape)}")
         return float((got - logits).abs().max())
 
-    d_final = diff(dec_out, False, f"layer L ({head_name} on the output of {spec.decoder}, logit post-processing: {post})")
+    d_final = diff(dec_out, False, at_l)
     if not d_final <= tol:
         hint = ""
-        if kwargs:  # does the decoder number positions its own way?
+        if takes_pos:  # does the decoder number positions its own way?
             with torch.inference_mode():
-                alone = adapter.unembed(decoder_output(), norm=False).to(logits.device)
-            if float((alone - logits).abs().max()) <= tol:
+                alone = hidden_of(adapter.decoder(input_ids=probe, attention_mask=ones, use_cache=False))
+            if diff(alone, False, at_l) <= tol:
                 hint = "; without position ids 0..T-1 it matches: the decoder numbers positions its own way"
-        raise refuse(f"layer L ({head_name} on the output of {spec.decoder}, logit post-processing: {post}) differs "
-                     f"from the model's logits by {d_final:.3g} (tolerance {tol:.2g}){hint}")
-    d_norm = diff(last_out[-1], True, f"block {L}'s output through {tail}")
+        raise refuse(f"{at_l} differs from the model's logits by {d_final:.3g} (tolerance {tol:.2g}){hint}")
+    d_norm = diff(last_out[0], True, f"block {L}'s output through {tail}")
     if not d_norm <= tol:
         raise refuse(f"block {L}'s output through {tail} differs from the model's logits by {d_norm:.3g} "
                      f"(tolerance {tol:.2g})")
-    d_pad = _padding_diff(adapter, ids, mask, logits, decoder_output)
+    padded = torch.cat([torch.zeros_like(probe[:, :PAD]), probe], 1)
+    pmask = torch.cat([torch.zeros_like(probe[:, :PAD]), ones], 1)
+    try:
+        with torch.inference_mode():
+            d_pad = diff(lens_forward(padded, pmask)[:, PAD:], False, f"{at_l}, left-padded")
+    except UnsupportedArchitectureError:
+        d_pad = float("inf")  # a model that cannot take left-padded input gets one prompt at a time
     return {
         "parts": how,
         "decoder": spec.decoder,
@@ -175,41 +198,14 @@ def prove(adapter: Adapter, how: str, probe_length: int = PROBE_LENGTH) -> dict[
         "between": list(spec.between),
         "head": head_name,
         "logit_postprocessing": post,
-        "max_abs_diff": max(d_final, d_norm),
+        "max_abs_diff": float(f"{max(d_final, d_norm):.3g}"),
         "tolerance": float(f"{tol:.3g}"),
         "dtype": compute_dtype(model),
-        "probe_tokens": probe_length,
-        # Prompts of different lengths are batched with left padding; a model whose outputs move
-        # with it (positions counted from the first pad, pad-dependent state) runs one at a time.
+        "probe_tokens": T,
+        # Prompts of different lengths share left-padded batches; a model whose lens moves with
+        # the padding (positions counted from the first pad, pad-dependent state) gets one at a time.
         "left_padding_exact": d_pad <= tol,
-        "left_padding_diff": d_pad,
-        "seconds": round(time.perf_counter() - t0, 4),
     }
-
-
-PAD = 3
-
-
-def _padding_diff(adapter: Adapter, ids: Any, mask: Any, logits: Any, decoder_output: Any) -> float:
-    """How far the probe's logits move when it is left-padded by PAD tokens: through the decoder
-    as the lens calls it, and through the model as the decode calls it (max of the two)."""
-    import torch
-
-    pids = torch.cat([torch.zeros_like(ids[:, :PAD]), ids], dim=1)
-    pmask = torch.cat([torch.zeros_like(mask[:, :PAD]), mask], dim=1)
-    pos = position_ids_from_mask(pmask)
-    model = adapter.model
-    try:
-        with torch.inference_mode():
-            lens = adapter.unembed(decoder_output(
-                pids, pmask, **({"position_ids": pos} if accepts(adapter.decoder, "position_ids") else {}))[:, PAD:], norm=False)
-            extra = {"position_ids": pos} if accepts(model, "position_ids") else {}
-            own = model(input_ids=pids, attention_mask=pmask, use_cache=False, **extra).logits[:, PAD:].float()
-    except Exception:  # noqa: BLE001 - a model that cannot take padded input is not padding-exact
-        return float("inf")
-    if lens.shape != logits.shape or own.shape != logits.shape:
-        return float("inf")
-    return max(float((lens.to(logits.device) - logits).abs().max()), float((own.to(logits.device) - logits).abs().max()))
 
 
 def proven_adapter(model: Any) -> tuple[Adapter, dict[str, Any]]:
