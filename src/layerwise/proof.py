@@ -109,6 +109,7 @@ def prove(adapter: Adapter, how: str, probe_length: int = PROBE_LENGTH) -> dict[
     def lens_forward(x: Any, m: Any) -> Any:  # the decoder, called the way the lens calls it
         extra = {"position_ids": position_ids_from_mask(m)} if takes_pos else {}
         return hidden_of(adapter.decoder(input_ids=x, attention_mask=m, use_cache=False, **extra))
+
     head_name = " → ".join(spec.head) or _path(model, adapter.head)
 
     try:
