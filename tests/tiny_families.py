@@ -48,13 +48,17 @@ SIZES: dict[str, Any] = {
     "state_size": 8, "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2,
     "linear_num_value_heads": 4, "index_head_dim": 8, "index_n_heads": 2, "index_topk": 4,
     "swa_num_attention_heads": HEADS, "swa_num_key_value_heads": KV_HEADS, "swa_head_dim": HEAD_DIM,
+    # what the *ForCausalLM does to its logits, made to bite (scales away from 1, caps below the logits)
+    "logits_scaling": 2.0, "lm_head_multiplier": 0.5, "logit_scale": 0.5, "logits_mup_width_multiplier": 3.0,
+    "final_logit_softcapping": 5.0, "logits_soft_cap": 5.0, "output_logit_soft_cap": 5.0,
     # ids inside the vocabulary, no multi-token prediction heads
     "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "num_nextn_predict_layers": 0,
 }
 
 DEPTHS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")
 # Sizes whose default None switches a feature off (no sliding window, no query LoRA): left off.
-OPTIONAL = {"sliding_window", "sliding_window_size", "q_lora_rank"}
+OPTIONAL = {"sliding_window", "sliding_window_size", "q_lora_rank", "logit_scale", "final_logit_softcapping",
+            "logits_soft_cap", "output_logit_soft_cap"}
 
 OVERRIDES: dict[str, dict[str, Any]] = {
     "bamba": {"attn_layer_indices": [1, 3]},

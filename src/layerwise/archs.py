@@ -58,6 +58,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma2": ArchSpec("model", "model.layers", "model.norm", logit_softcap="final_logit_softcapping"),
     "gpt2": ArchSpec(decoder="transformer", blocks="transformer.h", final_norm="transformer.ln_f"),
     "gpt_neox": ArchSpec(decoder="gpt_neox", blocks="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm"),
+    # What discovery cannot see: these multiply their logits by a config value that other families
+    # divide by (Granite) or do not have; the load proof refuses the discovered guess for them.
+    "hyperclovax": ArchSpec("model", "model.layers", "model.norm", logit_scale="logits_scaling"),
+    "falcon_h1": ArchSpec("model", "model.layers", "model.final_layernorm", logit_scale="lm_head_multiplier"),
     "opt": ArchSpec(
         decoder="model",
         blocks="model.decoder.layers",
