@@ -531,6 +531,7 @@ _RSS_SCRIPT = textwrap.dedent(
         return real(self, x)
     Adapter.logits = counting
     b = load_model("smollm2-135m")
+    rows.clear()  # the load-time proof's head calls are not the lens's
     ids = torch.randint(100, 40000, (1, 512), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         b.model(ids[:, :8])

@@ -192,31 +192,68 @@ def test_a_model_that_is_not_a_causal_lm(tmp_path, kind):
     check(e, ModelLoadError, "not a causal language model", repr(kind), "decoder-only")
 
 
+def tiny_tokenizer_into(folder: Path) -> None:
+    """A word-level tokenizer of 32 ids, written offline next to a model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, **{f"w{i}": i for i in range(2, 32)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(folder)
+
+
 def test_bert_config(tmp_path):
-    """transformers registers BERT as a causal LM (BertLMHeadModel), so layerwise does not call it
-    "not causal"; either way it is refused up front with a one-line reason naming 'bert'."""
-    from transformers import BertConfig
+    """transformers registers BERT as a causal LM (BertLMHeadModel); as an encoder (is_decoder
+    False) its attention sees later tokens, and the load proof refuses it in one line naming
+    'bert' and why."""
+    import torch
+    from transformers import BertConfig, BertLMHeadModel
 
-    BertConfig().save_pretrained(tmp_path / "bert")
-    with pytest.raises(LayerwiseError) as e:
-        load_model(str(tmp_path / "bert"))
-    msg = check(e, LayerwiseError, "'bert'")
-    assert "not a causal language model" in msg or "is not supported" in msg
+    d = tmp_path / "bert"
+    torch.manual_seed(0)
+    BertLMHeadModel(BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=16)).save_pretrained(d)
+    tiny_tokenizer_into(d)
+    with pytest.raises(UnsupportedArchitectureError) as e:
+        load_model(str(d))
+    check(e, UnsupportedArchitectureError, "'bert'", "not causal", "is_decoder=True")
 
 
-@pytest.mark.parametrize("kind", ["bloom", "falcon"])
-def test_an_unsupported_causal_architecture(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["xlnet", "roberta"])
+def test_a_family_known_to_be_unprovable_is_refused_before_its_weights(tmp_path, kind):
     import transformers as tf
-    from layerwise.archs import ARCHITECTURES
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from layerwise.families import LENS_REFUSED
 
-    assert kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in ARCHITECTURES
-    cfg = {"bloom": lambda: tf.BloomConfig(n_layer=1, hidden_size=8, n_head=2),
-           "falcon": lambda: tf.FalconConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2)}[kind]()
+    cfg = {"xlnet": lambda: tf.XLNetConfig(vocab_size=32, d_model=8, n_layer=1, n_head=2, d_inner=16),
+           "roberta": lambda: tf.RobertaConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                               intermediate_size=16, is_decoder=True)}[kind]()
     cfg.save_pretrained(tmp_path / kind)  # no weights: refused before any are read
     with pytest.raises(UnsupportedArchitectureError) as e:
         load_model(str(tmp_path / kind))
-    check(e, UnsupportedArchitectureError, repr(kind), "not supported", "llama", "ARCHITECTURES")
+    check(e, UnsupportedArchitectureError, repr(kind), "not supported", LENS_REFUSED[kind], "docs/architectures.md")
+
+
+@pytest.mark.parametrize("kind", ["bloom", "falcon"])
+def test_a_family_without_a_table_row_loads_by_discovery(tmp_path, kind):
+    """Bloom and Falcon have no row in layerwise.archs: their parts are discovered from the model
+    and proven at load, and the proof's record says so."""
+    import torch
+    import transformers as tf
+    from layerwise.archs import ARCHITECTURES
+
+    assert kind not in ARCHITECTURES
+    cfg = {"bloom": lambda: tf.BloomConfig(vocab_size=32, n_layer=2, hidden_size=8, n_head=2),
+           "falcon": lambda: tf.FalconConfig(vocab_size=32, num_hidden_layers=2, hidden_size=8, num_attention_heads=2)}[kind]()
+    d = tmp_path / kind
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    tiny_tokenizer_into(d)
+    b = load_model(str(d))
+    proof = b.info["lens_proof"]
+    assert proof["parts"] == "discovered" and proof["blocks"] == "transformer.h (2)"
+    assert proof["final_norm"] == "transformer.ln_f" and proof["head"] == "lm_head"
+    assert proof["max_abs_diff"] <= proof["tolerance"]
 
 
 def test_a_causal_config_with_corrupt_weights(tmp_path):

@@ -89,23 +89,33 @@ def tiny_bundle(family: str, seed: int = 0) -> Any:
     return bundle_from_model(tiny_model(family, seed), TinyTokenizer(), name=f"tiny-{family}")
 
 
-def truncated_copy(model: Any, k: int) -> Any:
-    """An independent reference: a deep copy of ``model`` whose block list is cut to ``k``."""
+def truncated_copy(model: Any, k: int, spec: Any = None) -> Any:
+    """An independent reference: a deep copy of ``model`` whose block list is cut to ``k``.
+
+    ``spec`` names the blocks (default: the family's table row, else discovered). The config is
+    cut to match: every depth field becomes ``k`` and every per-block list (layer types, block
+    kinds, ...) keeps its first ``k`` entries, so the copy builds its caches and masks for ``k``
+    blocks.
+    """
     import copy
 
-    from layerwise.archs import Adapter, _resolve
-
-    ref = copy.deepcopy(model)
-    adapter = Adapter(ref)
-    parent_path, _, attr = adapter.spec.blocks.rpartition(".")
-    parent = _resolve(ref, parent_path)
     import torch
 
+    from layerwise.archs import ARCHITECTURES, Adapter, text_config
+    from layerwise.discover import discover
+
+    spec = spec or ARCHITECTURES.get(model.config.model_type) or discover(model)
+    L = Adapter(model, spec).num_layers
+    ref = copy.deepcopy(model)
+    adapter = Adapter(ref, spec)
+    parent_path, _, attr = spec.blocks.rpartition(".")
+    parent = ref.get_submodule(parent_path) if parent_path else ref
     setattr(parent, attr, torch.nn.ModuleList(list(adapter.blocks)[:k]))
-    for cfg in {id(ref.config): ref.config}.values():
-        for name in ("num_hidden_layers", "n_layer"):
-            if hasattr(cfg, name):
+    for cfg in {id(ref.config): ref.config, id(text_config(ref.config)): text_config(ref.config)}.values():
+        for name in ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers"):
+            if isinstance(getattr(cfg, name, None), int):
                 setattr(cfg, name, k)
-        if getattr(cfg, "layer_types", None):
-            cfg.layer_types = cfg.layer_types[:k]
+        for name, value in list(vars(cfg).items()):
+            if isinstance(value, list) and len(value) == L and not name.startswith("_"):
+                setattr(cfg, name, value[:k])
     return ref

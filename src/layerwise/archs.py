@@ -1,15 +1,16 @@
 """Where each architecture keeps its blocks, final norm and unembedding — as data, not code.
 
-Every supported family is one row of :data:`ARCHITECTURES`, keyed by ``config.model_type``: dotted
-module paths relative to the ``*ForCausalLM`` model, plus the config attributes of anything the
-model applies to its logits after the head. :class:`Adapter` resolves a row against a loaded model
+A family with a row in :data:`ARCHITECTURES`, keyed by ``config.model_type``, has its parts here:
+dotted module paths relative to the ``*ForCausalLM`` model, plus the config attributes of anything
+the model applies to its logits after the head. Any other model has them found from its own
+structure (:mod:`layerwise.discover`), and either way they are proven at load
+(:mod:`layerwise.proof`). :class:`Adapter` resolves a row against a loaded model
 and gives the lens its one operation, :meth:`Adapter.unembed` — final norm, whatever sits between
 norm and head, the head, and the logit post-processing — so that ``unembed(output of block L)``
 is exactly the model's own logits.
 
-Adding a family: add a row, then add its tiny config to ``tests/tiny_models.py``; the test suite
-checks that layer L of the lens equals the model's logits and that early exits equal a truncated
-copy of the model.
+A row is for what discovery cannot see, or for speed; tests/test_families.py tries every model
+type transformers ships and writes docs/architectures.md.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class ArchSpec:
     """The norm applied after the last block (may resolve to ``None``, e.g. OPT-350m)."""
     between: tuple[str, ...] = ()
     """Modules applied after the final norm and before the head (e.g. OPT's ``project_out``)."""
+    head: tuple[str, ...] = ()
+    """The modules that map the head input to logits, in order, when that is more than the output
+    embeddings (RoBERTa's ``lm_head``: dense, GELU, norm, then the output embeddings); empty: the
+    output embeddings alone."""
     logit_softcap: str | None = None
     """Config attribute: ``logits = cap * tanh(logits / cap)`` (Gemma-2)."""
     logit_scale: str | None = None
@@ -53,6 +58,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma2": ArchSpec("model", "model.layers", "model.norm", logit_softcap="final_logit_softcapping"),
     "gpt2": ArchSpec(decoder="transformer", blocks="transformer.h", final_norm="transformer.ln_f"),
     "gpt_neox": ArchSpec(decoder="gpt_neox", blocks="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm"),
+    # What discovery cannot see: these multiply their logits by a config value that other families
+    # divide by (Granite) or do not have; the load proof refuses the discovered guess for them.
+    "hyperclovax": ArchSpec("model", "model.layers", "model.norm", logit_scale="logits_scaling"),
+    "falcon_h1": ArchSpec("model", "model.layers", "model.final_layernorm", logit_scale="lm_head_multiplier"),
     "opt": ArchSpec(
         decoder="model",
         blocks="model.decoder.layers",
@@ -71,10 +80,17 @@ def spec_for(model_type: str) -> ArchSpec:
         return ARCHITECTURES[model_type]
     except KeyError:
         raise UnsupportedArchitectureError(
-            f"model_type {model_type!r} is not supported (supported: {', '.join(supported_model_types())})",
-            "add a row for it to layerwise.archs.ARCHITECTURES (module paths of its blocks, final norm "
-            "and head) and its tiny config to tests/tiny_models.py",
+            f"model_type {model_type!r} has no row in layerwise.archs (rows: {', '.join(supported_model_types())})",
+            "build its adapter with layerwise.proof.proven_adapter(model), which discovers and proves the parts",
         ) from None
+
+
+def text_config(config: Any) -> Any:
+    """The config of the text decoder (multimodal configs nest it), else ``config`` itself."""
+    try:
+        return config.get_text_config()
+    except (AttributeError, ValueError):
+        return config
 
 
 def _resolve(root: Any, path: str) -> Any:
@@ -104,12 +120,13 @@ class Adapter:
         self.final_norm = _resolve(model, self.spec.final_norm) if self.spec.final_norm else None
         self.between = [m for m in (_resolve(model, p) for p in self.spec.between) if m is not None]
         self.head = model.get_output_embeddings()
-        if self.head is None:
+        self.head_modules = [_resolve(model, p) for p in self.spec.head] or [self.head]
+        if self.head is None or any(m is None for m in self.head_modules):
             raise UnsupportedArchitectureError(
                 f"{type(model).__name__} has no output embeddings (no LM head)",
                 "pass a *ForCausalLM model",
             )
-        cfg = model.config
+        cfg = text_config(model.config)
         self.softcap = getattr(cfg, self.spec.logit_softcap, None) if self.spec.logit_softcap else None
         self.scale = getattr(cfg, self.spec.logit_scale, None) if self.spec.logit_scale else None
         self.divide = getattr(cfg, self.spec.logit_divide, None) if self.spec.logit_divide else None
@@ -119,7 +136,7 @@ class Adapter:
         return len(self.blocks)
 
     def _head_device(self) -> "torch.device":
-        for p in self.head.parameters():
+        for p in self.head_modules[0].parameters():
             return p.device
         raise UnsupportedArchitectureError("the LM head has no parameters", "pass a *ForCausalLM model")
 
@@ -139,8 +156,17 @@ class Adapter:
                 x = x.to(dev)
             x = self.final_norm(x)
         for mod in self.between:
-            x = mod(x)
+            # Without the norm, a state the head can take as it is (the decoder's output, already
+            # through these modules) skips them; one of another width (OPT-350m's residual stream
+            # before project_out) cannot skip them.
+            if norm or x.shape[-1] != self._head_width():
+                x = mod(x)
         return x
+
+    def _head_width(self) -> int | None:
+        first = self.head_modules[0]
+        width = getattr(first, "in_features", None)
+        return width if width is not None else getattr(getattr(first, "weight", None), "shape", (None,))[-1]
 
     def logits(self, x: "torch.Tensor") -> "torch.Tensor":
         """Head input → logits (float32), with the model's logit scaling / soft-capping."""
@@ -149,7 +175,9 @@ class Adapter:
         dev = self._head_device()
         if x.device != dev:
             x = x.to(dev)
-        out = self.head(x)
+        out = x
+        for mod in self.head_modules:
+            out = mod(out)
         if self.scale is not None:
             out = out * self.scale
         if self.divide is not None:
@@ -163,6 +191,7 @@ class Adapter:
 
         ``norm=True`` applies the final norm first (use it for layers 0..L-1; the base model's
         ``last_hidden_state`` is already normed, so pass ``norm=False`` for layer L).
-        ``norm=False`` on an intermediate layer is the raw lens that skips the norm.
+        ``norm=False`` on an intermediate layer is the raw lens that skips the norm (and whatever
+        sits between norm and head, unless the state's width needs it).
         """
         return self.logits(self.prepare(hidden, norm=norm))

@@ -22,6 +22,7 @@ import torch
 from .archs import Adapter
 from .config import Decoding, default_exits, validate_exits
 from .errors import ConfigError
+from .families import check_early_exit
 from .lens import cache_kwarg, capture_hidden, position_ids_from_mask
 
 
@@ -112,11 +113,18 @@ def _cache_layers(cache: Any) -> list[Any]:
     return layers
 
 
-def _map_layer(layer: Any, fn: Any) -> None:
+def _select_rows(layer: Any, index: torch.Tensor) -> None:
+    """Keep (or repeat) the rows ``index`` of one layer's cache: keys and values, and whatever
+    else the layer holds per row (indexer keys, convolution and recurrent states) — the layer's
+    own ``reorder_cache`` knows its state."""
+    reorder = getattr(layer, "reorder_cache", None)
+    if reorder is not None:
+        reorder(index)
+        return
     for name in ("keys", "values"):
         t = getattr(layer, name, None)
         if isinstance(t, torch.Tensor) and t.numel():
-            setattr(layer, name, fn(t))
+            setattr(layer, name, t.index_select(0, index.to(t.device)))
 
 
 def _accepts(module: Any, name: str) -> bool:
@@ -190,14 +198,19 @@ def generate_exits(
     *,
     prefilled: Prefill | None = None,
     compact_fraction: float = 0.25,
+    verify_family: bool = True,
 ) -> ExitGenerations:
     """Generate for every prompt (left-padded ``input_ids``) at every exit layer in one decode.
 
     Returns the generated ids per exit and prompt (stopping at EOS, which is included, or at
-    ``max_new_tokens``), and the first-token logits of every exit.
+    ``max_new_tokens``), and the first-token logits of every exit. A family whose early exit is
+    not exact (:mod:`layerwise.families`) is refused before any compute; ``verify_family=False``
+    skips that (the test that measures it).
     """
     dec = decoding or Decoding()
     dec.validate()
+    if verify_family:
+        check_early_exit(str(bundle.adapter.model_type), padded=bool((attention_mask == 0).any()))
     adapter: Adapter = bundle.adapter
     model = bundle.model
     L = adapter.num_layers
@@ -223,7 +236,8 @@ def generate_exits(
     layers = _cache_layers(pre.cache)
     reps = [int((torch.tensor(order) >= j + 1).sum()) for j in range(L)]
     for j, layer in enumerate(layers[:L]):
-        _map_layer(layer, lambda t, r=reps[j]: t.repeat(r, *([1] * (t.dim() - 1))) if r > 1 else t)
+        if reps[j] > 1:  # rows exit-major: the prompts' rows, once per exit that reaches block j
+            _select_rows(layer, torch.arange(P).repeat(reps[j]))
     mask = attention_mask.repeat(len(order), 1)
     last_pos = position_ids_from_mask(attention_mask)[:, -1].repeat(len(order))
 
@@ -256,8 +270,7 @@ def generate_exits(
                 keep = (~fin).nonzero().squeeze(-1)
                 keep_dev = keep.to(dev)
                 for j, layer in enumerate(layers[:L]):
-                    sel = keep_dev[keep_dev < active[j]]
-                    _map_layer(layer, lambda x, s=sel: x.index_select(0, s))
+                    _select_rows(layer, keep_dev[keep_dev < active[j]])
                 alive, next_tok, ent = alive[keep], next_tok[keep], ent[keep]
                 mask, last_pos = mask[keep_dev], last_pos[keep_dev]
                 active[:] = [int((row_exit[alive] >= j + 1).sum()) for j in range(L)]

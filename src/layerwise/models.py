@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .archs import Adapter, spec_for
+from .archs import Adapter
 from .config import DEFAULT_MODEL, DEVICES, DTYPES, Quantization, check_device_map
+from .families import refuse_early
 from .errors import ConfigError, ModelLoadError
 from . import model_cache
 
@@ -388,7 +389,7 @@ def load_model(
                 f"{spec} is not a causal language model (model_type {model_type!r})",
                 "pass a decoder-only model that AutoModelForCausalLM loads (e.g. Llama, Mistral, GPT-2)",
             )
-        spec_for(str(model_type))  # unsupported architecture: fail before loading weights
+        refuse_early(str(model_type))  # a family known to be impossible: fail before loading weights
 
         def attempt(step: Any, what: str, fix: str) -> Any:
             try:
@@ -423,8 +424,11 @@ def load_model(
         model, info["adapter"] = apply_adapter(model, adapter, token=token, cache_dir=cache_dir)
     model.eval()
     prepare_tokenizer(tokenizer, model)
-    adapter = Adapter(model)
-    info.update(describe_model(model))
+    from .proof import proven_adapter
+
+    adapter, proof = proven_adapter(model)
+    info.update(describe_model(model, adapter))
+    info["lens_proof"] = proof
     hf_map = getattr(model, "hf_device_map", None)
     info["device"] = dev if not hf_map or quantization is not None else "device_map: " + ", ".join(sorted({str(v) for v in hf_map.values()}))
     info["quantization"] = quantization.describe() if quantization else None
@@ -487,9 +491,13 @@ def bundle_from_model(model: Any, tokenizer: Any, name: str = "in-memory model")
     prepare_tokenizer(tokenizer, model)
     info = {"spec": name, "source": "object", "name": name, "revision": None, "file_sha256": None,
             "quantization": None}
-    info.update(describe_model(model))
+    from .proof import proven_adapter
+
+    adapter, proof = proven_adapter(model)
+    info.update(describe_model(model, adapter))
+    info["lens_proof"] = proof
     info["device"] = str(input_device(model))
-    return ModelBundle(model=model, tokenizer=tokenizer, adapter=Adapter(model), info=info)
+    return ModelBundle(model=model, tokenizer=tokenizer, adapter=adapter, info=info)
 
 
 def prepare_tokenizer(tokenizer: Any, model: Any) -> None:
@@ -506,7 +514,7 @@ def prepare_tokenizer(tokenizer: Any, model: Any) -> None:
             tokenizer.add_special_tokens({"pad_token": tokenizer.convert_ids_to_tokens(0)})
 
 
-def describe_model(model: Any) -> dict[str, Any]:
+def describe_model(model: Any, adapter: Adapter) -> dict[str, Any]:
     cfg = model.config
     params = list(model.parameters()) + list(model.buffers())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -515,9 +523,9 @@ def describe_model(model: Any) -> dict[str, Any]:
     return {
         "model_type": cfg.model_type,
         "architecture": type(model).__name__,
-        "num_layers": len(Adapter(model).blocks),
+        "num_layers": adapter.num_layers,
         "hidden_size": getattr(text_cfg, "hidden_size", None) or getattr(text_cfg, "n_embd", None),
-        "vocab_size": model.get_output_embeddings().weight.shape[0],
+        "vocab_size": int(getattr(adapter.head, "out_features", None) or adapter.head.weight.shape[0]),
         "dtype": getattr(model, "dtype", None) and str(model.dtype).replace("torch.", "") or dtype,
         "weight_bytes": int(weight_bytes),
     }

@@ -21,6 +21,16 @@ from .runid import run_id_of
 
 # --------------------------------------------------------------------------- view model
 
+def proof_text(p: dict | None) -> str:
+    """The load-time proof of the lens (run.model.lens_proof), in one line."""
+    if not p:
+        return "not recorded"
+    parts = ", ".join(f"{lab} {p[k]}" for k, lab in (("blocks", "blocks"), ("final_norm", "final norm"), ("head", "head"))
+                      if p.get(k))
+    return (f"parts {p['parts']} ({parts}); max |lens − logits| {p['max_abs_diff']:.2g} ≤ {p['tolerance']:.2g} "
+            f"({p['dtype']}) on {p['probe_tokens']} probe tokens")
+
+
 def run_info(results: dict) -> list[dict[str, str]]:
     """(label, value, title) rows describing one run, for a reader who never ran the tool."""
     run = results["run"]
@@ -43,6 +53,7 @@ def run_info(results: dict) -> list[dict[str, str]]:
         ("Spec / source", f"{m['spec']} ({m['source']})", ""),
         ("Identity", "; ".join(ident) or "not recorded (no revision, no file hash)", str(m.get("file_sha256") or "")),
         ("Architecture", f"{arch} — {shape}", ""),
+        ("Lens proof", proof_text(m.get("lens_proof")), ""),
         ("Weights", (f"{m['dtype'] or '—'} on {m['device']}, quantization: "
                      f"{quant_text(m.get('quantization'))}, {bytes_text(m.get('weight_bytes'))}"), ""),
         ("Exit layers", ", ".join(str(x) for x in run["exit_layers"]) or "—", ""),

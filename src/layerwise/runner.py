@@ -139,8 +139,11 @@ def run_sweep(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[li
     first_stats: list[Any] = []
     grid_stats = grid_inputs = None
     lens_s = gen_s = 0.0
-    for b0 in range(0, n_rows, config.batch_size):
-        rows = range(b0, min(n_rows, b0 + config.batch_size))
+    from .families import batch_prompts
+
+    step = config.batch_size if batch_prompts(str(adapter.model_type), bundle.info.get("lens_proof")) else 1
+    for b0 in range(0, n_rows, step):
+        rows = range(b0, min(n_rows, b0 + step))
         say(f"lens forward: rows {rows.start + 1}–{rows.stop} of {n_rows} ({L + 1} layers) …")
         t1 = time.perf_counter()
         S = max(len(prompt_ids[i]) for i in rows)
@@ -236,6 +239,9 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
         bundle = load_model(config.model, **config.load_config().kwargs())
     timing["load_s"] = round(time.perf_counter() - t0, 3)
     model, tok, adapter = bundle.model, bundle.tokenizer, bundle.adapter
+    from .families import check_early_exit
+
+    check_early_exit(str(adapter.model_type))  # a family whose early exit is not exact: before any compute
     L = adapter.num_layers
     exits = validate_exits(config.exit_layers, L) if config.exit_layers is not None else default_exits(L)
     dec = config.decoding
