@@ -342,8 +342,8 @@ def test_deep_nesting_is_one_line_not_a_recursion_error(tmp_path):
         ("\xff\xfe", ("is not valid JSON", "is not UTF-8")),
         ('{"schema": "something-else", "schema_version": 1}', "is not a layerwise baseline"),
         ("[1, 2]", "is not a layerwise baseline"),
-        ('{"schema": "pytest-layerwise/baseline", "schema_version": 2, "identity": {}, "exits": [], "lens": {}}',
-         "has schema version 2; this layerwise reads 1"),
+        ('{"schema": "pytest-layerwise/baseline", "schema_version": 9, "identity": {}, "exits": [], "lens": {}}',
+         "has schema version 9; this layerwise reads 1, 2"),
         ('{"schema": "pytest-layerwise/baseline", "schema_version": 1, "identity": {}, "exits": []}', "lacks 'lens'"),
     ],
 )

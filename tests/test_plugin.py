@@ -827,3 +827,35 @@ def test_junit_carries_the_key_numbers(pytester, tiny_llama_dir):
     for key in ("entropy_trend_rho", "final_entropy", "kl_trend_rho", "agreement_trend_rho", "exit2_rougeL", "exit1_bleu"):
         assert key in props, props
     float(props["entropy_trend_rho"])
+
+
+# -- gating a results file: no model anywhere (issue #15) -------------------------------------------
+
+
+def test_gate_from_a_results_file_in_a_folder_with_no_model(pytester, tiny_llama_dir, tmp_path):
+    """CI computes on the GPU machines (``layerwise run``, torchrun), then gates anywhere:
+    ``pytest --results FILE`` runs the shipped suite and the gate on the file, loading no model."""
+    from layerwise.cli import main
+
+    computed = tmp_path / "computed"
+    args = [f"--model={tiny_llama_dir}", "--bertscore-model", "none", "--limit", "3", "--max-new-tokens", "4",
+            "--teacher-forced-tokens", "4"]
+    assert main(["run", *args, "-o", str(computed / "results.json"), "--report", str(computed / "report.html")]) == 0
+    base = tmp_path / "base.json"
+    from layerwise.baseline import write_baseline
+    from layerwise.results import load_results
+
+    write_baseline(load_results(computed / "results.json"), base)
+    pytester.makeconftest(HEAVY_PROBE)
+    result = pytester.runpytest_subprocess(f"--results={computed / 'results.json'}", f"--baseline={base}",
+                                           "--require-baseline", "-rs", "-p", "no:cacheprovider")
+    out = result.stdout.str()
+    assert "layerwise: gate PASSED against" in out, out
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("skipped") == 3  # the three tests that need the model itself
+    assert "needs the model; this run gates the results file" in out
+    heavy = json.loads((pytester.path / "heavy_modules.json").read_text())
+    assert "torch" not in heavy and "transformers" not in heavy, heavy  # no model, no torch
+    assert (pytester.path / "reports" / "report.html").is_file()
+    assert not (pytester.path / "reports" / "results.json").exists()  # the input is not copied unless asked
+    assert not (pytester.path / "baselines").exists()

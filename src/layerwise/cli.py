@@ -169,10 +169,51 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_run)
 
 
+# --------------------------------------------------------------------------- calibrate
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate
+    from .config import from_options
+    from .io import atomic_write_json
+    from .options import read_namespace
+    from .preflight import check_not_in_package, preflight
+
+    if args.runs < 2:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--runs must be at least 2, got {args.runs}", "pass --runs 3 (or more)")
+    settings = from_options(read_namespace(args), Path.cwd(), environ={})
+    out = Path(args.output).expanduser()
+    check_not_in_package(out, "-o/--output")
+    checked = preflight(settings, outputs={"-o/--output": out})
+    base = calibrate(settings.run, args.runs, examples=checked.examples,
+                     log=lambda m: print(f"layerwise: {m}", file=sys.stderr, flush=True))
+    atomic_write_json(out, base, "-o/--output")
+    widest = sorted(((max((v for v in vals if v is not None), default=0.0), name) for name, vals in base["spread"].items()),
+                    reverse=True)[:3]
+    print(f"layerwise: wrote calibrated baseline {out} ({args.runs} runs; largest spreads: "
+          + ", ".join(f"{n} {v:.3g}" for v, n in widest) + ")")
+    return 0
+
+
+def add_calibrate(sub: argparse._SubParsersAction) -> None:
+    from .options import declare
+
+    p = sub.add_parser("calibrate", help="write a baseline whose tolerances include the run-to-run spread",
+                       description="Run the evaluation N times on one loaded model, varying what should not matter "
+                                   "(batch size, row order; the seed when sampling), and write a baseline that records "
+                                   "each tracked number's observed spread: the gate then allows max(tolerance, 3 × spread).")
+    p.add_argument("-o", "--output", required=True, metavar="BASELINE", help="baseline JSON to write (atomically)")
+    p.add_argument("--runs", type=int, default=3, metavar="N", help="evaluations to run (default 3)")
+    declare(p.add_argument, ("model", "run"))
+    p.set_defaults(func=_cmd_calibrate)
+
+
 # --------------------------------------------------------------------------- parser
 
 #: One function per subcommand; a new subcommand appends its ``add_*`` here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_run, add_report, add_compare, add_check]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_run, add_report, add_compare, add_check,
+                                                                   add_calibrate]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -372,6 +372,7 @@ class GateConfig:
 
     baseline: Path | None = None
     source: str | None = None  # "option" (--baseline / ini), "project" (baselines/<model>.json), "shipped"
+    project_root: Path | None = None
     update: bool = False
     require: bool = False
     tolerances: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -394,6 +395,7 @@ class Settings:
     output: OutputConfig
     thresholds: dict[str, Any]
     layer_suite: bool = True
+    results_file: Path | None = None  # gate this results file: no model is loaded
     values: dict[str, Any] = field(default_factory=dict)  # every option value, by option name
 
 
@@ -438,6 +440,16 @@ def package_folders() -> list[Path]:
         except (ModuleNotFoundError, TypeError):
             pass
     return out
+
+
+def default_baseline(model: str, quant: Quantization | None, project_root: Path, update: bool) -> tuple[Path, str]:
+    """Where a model's baseline is when ``--baseline`` is not given: ``baselines/<model>.json`` in
+    the project (always, when writing one), else the one shipped for the default model."""
+    project = project_root / PROJECT_BASELINES / f"{model_slug(model, quant)}.json"
+    shipped = shipped_baseline(model)
+    if update or project.is_file() or shipped is None:
+        return project, "project"
+    return shipped, "shipped"
 
 
 def _abs(p: Any, base: Path) -> Path | None:
@@ -491,22 +503,21 @@ def from_options(values: dict[str, Any], base: Path, project_root: Path | None =
 
     gate = GateConfig(update=bool(o["update-baseline"]), require=bool(o["require-baseline"]),
                       tolerances=parse_tolerances(o["tolerance"]))
-    root = project_root or base
+    gate.project_root = project_root or base
     if o["baseline"] is not None:
         gate.baseline, gate.source = _abs(o["baseline"], base), "option"
     else:
-        project = root / PROJECT_BASELINES / f"{model_slug(model, quant)}.json"
-        shipped = shipped_baseline(model)
-        if gate.update or project.is_file() or shipped is None:
-            gate.baseline, gate.source = project, "project"
-        else:
-            gate.baseline, gate.source = shipped, "shipped"
+        gate.baseline, gate.source = default_baseline(model, quant, gate.project_root, gate.update)
 
     summary = _abs(o["summary-md"], base)
     append = False
     if summary is None and env.get("GITHUB_STEP_SUMMARY"):
         summary, append = Path(env["GITHUB_STEP_SUMMARY"]), True
-    output = OutputConfig(report=_abs(o["report"], base), results=_abs(o["results-json"], base),  # type: ignore[arg-type]
+    results_file = _abs(o.get("results"), base)
+    results_out = _abs(o["results-json"], base)
+    if results_file is not None and o["results-json"] == DEFAULT_RESULTS:
+        results_out = None  # gating a file: its copy with the verdict is written only where asked
+    output = OutputConfig(report=_abs(o["report"], base), results=results_out,  # type: ignore[arg-type]
                           summary_md=summary, summary_append=append)
     return Settings(run=run, gate=gate, output=output, thresholds={k: o[k] for k in THRESHOLDS},
-                    layer_suite=bool(o["layer-suite"]), values=dict(o))
+                    layer_suite=bool(o["layer-suite"]), results_file=results_file, values=dict(o))

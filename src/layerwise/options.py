@@ -41,7 +41,8 @@ class Option:
 
     def argparse_kwargs(self) -> dict[str, Any]:
         default = "" if self.default is None else f" (default: {self.default})"
-        kwargs: dict[str, Any] = {"dest": self.dest, "default": None, "help": self.help + default}
+        # argparse expands %-formats in help texts: a literal % (as in "25%") is written %%
+        kwargs: dict[str, Any] = {"dest": self.dest, "default": None, "help": (self.help + default).replace("%", "%%")}
         if self.kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction  # --x / --no-x: the CLI can undo an ini "true"
         else:
@@ -102,7 +103,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("results-json", "results JSON path", C.DEFAULT_RESULTS, "path", scope="output"),
     Option("summary-md", "write a Markdown digest (verdict, exit table, failures) here; default: append to "
            "$GITHUB_STEP_SUMMARY when that is set", kind="path", scope="output"),
-    # -- gate: the baseline
+    # -- gate: the baseline (and a results file to gate instead of computing one)
+    Option("results", "gate this results JSON (written by `layerwise run`, e.g. under torchrun on GPU machines) "
+           "instead of loading a model: the shipped suite's checks and the baseline gate run on it", kind="path",
+           scope="gate"),
     Option("baseline", "baseline JSON to compare with (default: baselines/<model>.json in the rootdir if it "
            f"exists; for {C.DEFAULT_MODEL}, the shipped one)", kind="path", scope="gate"),
     Option("update-baseline", "write the baseline from this run instead of comparing (to --baseline, default "

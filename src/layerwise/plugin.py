@@ -184,6 +184,8 @@ def layerwise(pytestconfig: pytest.Config) -> Any:
 @pytest.fixture(scope="session")
 def layerwise_model(layerwise: Any) -> Any:
     """The loaded :class:`layerwise.models.ModelBundle` (model, tokenizer, adapter, info)."""
+    if layerwise.gating_a_file:
+        pytest.skip(f"needs the model; this run gates the results file {layerwise.settings.results_file} (--results)")
     return _guard(layerwise.bundle)
 
 

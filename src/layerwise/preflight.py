@@ -24,6 +24,7 @@ class Checked:
     examples: list[Any]
     baseline: dict[str, Any] | None
     missing: str | None = None
+    results: dict[str, Any] | None = None  # --results FILE: the results read from it
 
 
 def check_not_in_package(path: Path, what: str) -> None:
@@ -35,9 +36,51 @@ def check_not_in_package(path: Path, what: str) -> None:
                               "pass a path in your project (e.g. baselines/<model>.json)")
 
 
+def _check_results_file(settings: Settings, outputs: dict[str, Path | None] | None) -> Checked:
+    """``--results FILE``: the file is read and validated; the baseline is found for its model."""
+    from .config import Quantization, default_baseline
+    from .results import load_results
+
+    results = load_results(settings.results_file)  # type: ignore[arg-type]
+    gate = settings.gate
+    if gate.source != "option":
+        q = results["run"]["model"].get("quantization")
+        quant = None if not q else Quantization(q["method"].rsplit("-", 1)[-1], q.get("quant_type", "nf4"))
+        gate.baseline, gate.source = default_baseline(results["run"]["model"]["spec"], quant,
+                                                      gate.project_root or Path.cwd(), gate.update)
+    outs = outputs_of(settings) if outputs is None else outputs
+    for name, path in outs.items():
+        if path is not None:
+            check_not_in_package(path, name)
+            check_output(path, name)
+    check_distinct({"--results": settings.results_file, **({"--baseline": gate.baseline} if not gate.update and
+                                                            gate.baseline is not None and gate.baseline.exists() else {})},
+                   outs)
+    checked = _baseline_of(settings, results["run"]["model"]["spec"])
+    checked.results = results
+    return checked
+
+
+def _baseline_of(settings: Settings, model: str) -> Checked:
+    gate = settings.gate
+    baseline = missing = None
+    if gate.update:
+        pass
+    elif gate.baseline is not None and (gate.source == "option" or gate.baseline.is_file()):
+        from .baseline import load_baseline
+
+        baseline = load_baseline(gate.baseline)
+    else:
+        missing = (f"no baseline for model {model!r} (looked for {gate.baseline}; create it with "
+                   f"--update-baseline, or pass --baseline)")
+    return Checked(examples=[], baseline=baseline, missing=missing)
+
+
 def outputs_of(settings: Settings) -> dict[str, Path | None]:
     out = settings.output
-    d: dict[str, Path | None] = {"--results-json": out.results, "--report": out.report}
+    d: dict[str, Path | None] = {"--report": out.report}
+    if out.results is not None:
+        d["--results-json"] = out.results
     if not out.summary_append:
         d["--summary-md"] = out.summary_md
     if settings.gate.update:
@@ -62,6 +105,8 @@ def preflight(settings: Settings, outputs: dict[str, Path | None] | None = None)
     from .models import check_revision, resolve_spec
 
     run = settings.run
+    if settings.results_file is not None:  # gating a file: no model, no prompts
+        return _check_results_file(settings, outputs)
     src = resolve_spec(run.model)  # a missing path or package is one line now, not after the session starts
     check_revision(src.kind, run.model, run.revision)
     if run.drift_against:
@@ -73,16 +118,6 @@ def preflight(settings: Settings, outputs: dict[str, Path | None] | None = None)
             check_output(path, name)
     check_distinct(inputs_of(settings), outs)
     examples = load_examples(Path(run.prompts) if run.prompts else default_prompts_path(), run.limit)
-
-    gate = settings.gate
-    baseline = missing = None
-    if gate.update:
-        pass
-    elif gate.baseline is not None and (gate.source == "option" or gate.baseline.is_file()):
-        from .baseline import load_baseline
-
-        baseline = load_baseline(gate.baseline)
-    else:
-        missing = (f"no baseline for model {run.model!r} (looked for {gate.baseline}; create it with "
-                   f"--update-baseline, or pass --baseline)")
-    return Checked(examples=examples, baseline=baseline, missing=missing)
+    checked = _baseline_of(settings, run.model)
+    checked.examples = examples
+    return checked

@@ -77,6 +77,7 @@ class RunInfo(TypedDict, total=False):
     data: Required[DataInfo]
     decoding: Required[DecodingInfo]
     exit_layers: Required[list[int]]
+    exit_spec: list[str]  # relative exits: the depth each exit layer resolved from, e.g. "25%"
     lens: Required[LensInfo]
     metrics: Required[MetricsInfo]
     versions: Required[dict[str, str]]
@@ -137,9 +138,17 @@ class Drift(TypedDict, total=False):
     label: str
 
 
+class PerRow(TypedDict, total=False):
+    """Row-level lens records (the gate's evidence of where a model changed)."""
+
+    first_top1: list[list[int]]  # [layer][row]: top-1 token id at the first response position
+    tf_agree: list[list[Num]]  # [layer][row]: teacher-forced top-1 agreement with the final layer
+
+
 class Lens(TypedDict, total=False):
     first_token: Required[LensSection]
     teacher_forced: Required[LensSection]
+    per_row: PerRow
     examples: list[Example]
     grid: Grid
     drift: Drift
@@ -165,6 +174,11 @@ class RowScores(TypedDict, total=False):
     bertscore_f1: Num
 
 
+class TokenPrint(TypedDict):
+    sha: str  # SHA-256 (first 16 hex digits) of the generated token ids, EOS included
+    head: list[int]  # the first 16 generated ids
+
+
 class Row(TypedDict, total=False):
     index: Required[int]
     instruction: Required[str]
@@ -174,6 +188,7 @@ class Row(TypedDict, total=False):
     generations: Required[dict[str, str]]
     n_tokens: dict[str, int]
     scores: dict[str, RowScores]
+    tokens: dict[str, TokenPrint]  # exit layer → fingerprint of the generated tokens
 
 
 class TestOutcome(TypedDict):
@@ -182,12 +197,23 @@ class TestOutcome(TypedDict):
     message: str
 
 
-class GateDeviation(TypedDict):
+class GateDeviation(TypedDict, total=False):
+    metric: Required[str]
+    layer: Required[int]
+    baseline: Required[float]
+    value: Required[Num]
+    allowed: Required[float]
+    where: str  # relative exits: depth / exit spec instead of "layer N"
+
+
+class GateQuality(TypedDict):
+    exit: str
     metric: str
-    layer: int
-    baseline: float
-    value: Num
-    allowed: float
+    mean: float  # mean paired difference over rows (this run − baseline)
+    low: float
+    high: float
+    n: int
+    significant: bool  # the 95 % bootstrap interval excludes zero
 
 
 class GateVerdict(TypedDict, total=False):
@@ -203,6 +229,13 @@ class GateVerdict(TypedDict, total=False):
     baseline_created: str | None
     deviations: list[GateDeviation]
     obtained: str
+    first_divergent: int | None  # the lowest layer at which this run departs from the baseline
+    divergence: str
+    summary: list[str]
+    quality: list[GateQuality]
+    rows_changed: dict[str, list[int]]  # exit → [rows whose generation changed, rows compared]
+    within_noise: list[GateDeviation]  # beyond tolerance, but not beyond the rows' noise
+    matched_exits: list[list[Any]]
 
 
 class Results(TypedDict, total=False):

@@ -21,8 +21,8 @@ class LayerwiseSession:
         self.opts, self.given = read_pytest_options(config)
         self.root = Path(config.invocation_params.dir)
         self.settings: Settings = from_options(self.opts, self.root, Path(config.rootpath))
-        #: The suite joins the run when the model is named (CLI or ini) — see plugin.suite_files.
-        self.enabled = "model" in self.given
+        #: The suite joins the run when the model (or a results file) is named — see plugin.suite_files.
+        self.enabled = bool({"model", "results"} & self.given)
         self._checked: Any = None
         self._bundle: Any = None
         self._results: dict[str, Any] | None = None
@@ -60,7 +60,14 @@ class LayerwiseSession:
         if tr is not None:
             tr.write_line(f"layerwise: {msg}")
 
+    @property
+    def gating_a_file(self) -> bool:
+        return self.settings.results_file is not None
+
     def bundle(self) -> Any:
+        if self.gating_a_file:
+            raise LayerwiseError(f"this run gates the results file {self._display(self.settings.results_file)} and "
+                                 "loads no model", "run the tests that need the model without --results")
         if self._bundle is None:
             self.check()
             from .models import load_model
@@ -74,6 +81,8 @@ class LayerwiseSession:
         return self._bundle
 
     def results(self) -> dict[str, Any]:
+        if self._results is None and self.gating_a_file:
+            self._results = self.check().results
         if self._results is None:
             from .runner import evaluate
 
@@ -123,7 +132,7 @@ class LayerwiseSession:
 
         v = self.verdict()
         if v.status == "failed":
-            pytest.fail(v.message(self._display(self.settings.output.results)), pytrace=False)
+            pytest.fail(v.message(self._display(self.settings.output.results or self.settings.results_file)), pytrace=False)
         if v.status == "not_gated":
             if self.settings.gate.require or (v.refused and self.settings.gate.source == "option"):
                 hint = "" if not self.settings.gate.require else " (--require-baseline)"
@@ -192,13 +201,15 @@ class LayerwiseSession:
             files.append((gate.baseline, dumps_json(make_baseline(res)).encode()))
             what.append("--baseline")
         if verdict.status == "failed" and gate.baseline is not None:
-            obtained = out.results.parent / f"{gate.baseline.stem}.obtained.json"
+            folder = (out.results or out.report or Path("reports/x")).parent
+            obtained = folder / f"{gate.baseline.stem}.obtained.json"
             res["gate"]["obtained"] = self._display(obtained)
             files.append((obtained, dumps_json(make_baseline(res)).encode()))
             what.append("the obtained baseline")
-        res["timing"]["report_s"] = 0.0
-        files.append((out.results, dumps_json(res).encode()))
-        what.append("--results-json")
+        res.setdefault("timing", {})["report_s"] = 0.0
+        if out.results is not None:
+            files.append((out.results, dumps_json(res).encode()))
+            what.append("--results-json")
         if out.report is not None:
             html = render_report(res, baseline=None if gate.update else self.baseline(), baseline_name=verdict.baseline)
             files.append((out.report, html.encode("utf-8")))

@@ -44,6 +44,8 @@ def summary(tr: Any, sess: Any) -> None:
         tr.write_line("phases: " + ", ".join(parts))
     for w in sess.written:
         tr.write_line(f"wrote {w}")
+    for line in verdict.summary_lines() if verdict.gated else []:
+        tr.write_line(line)
     for w in verdict.warnings:
         tr.write_line(f"warning: {w}", yellow=True)
     colour = {"passed": {"green": True}, "failed": {"red": True}}.get(verdict.status, {"yellow": True})
@@ -63,7 +65,9 @@ def markdown(results: dict[str, Any], baseline: dict[str, Any] | None, report: s
     gate = results.get("gate") or {}
     status = gate.get("status")
     icon = {"passed": "✅", "failed": "❌"}.get(status, "⚠️")
-    lines = ["## layerwise", "", f"{icon} **{gate.get('line', 'not gated')}**", "", model_line(results), ""]
+    lines = ["## layerwise", "", f"{icon} **{gate.get('line', 'not gated')}**", ""]
+    lines += [f"- {s}" for s in gate.get("summary") or []]
+    lines += ["", model_line(results), ""]
     base = {e["layer"]: e for e in (baseline or {}).get("exits", [])} if status in ("passed", "failed") else {}
     head = "| exit layer | " + " | ".join(t for _, t, _ in _COLUMNS) + " | empty |"
     lines += [head, "|" + " --- |" * (len(_COLUMNS) + 2)]
