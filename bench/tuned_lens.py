@@ -3,6 +3,7 @@
     python bench/tuned_lens.py                           # default model, train rows 20..61, measure rows 0..19
     python bench/tuned_lens.py --steps 100,250 --positions-per-step 32
     python bench/tuned_lens.py --states /tmp/states.pt   # keep the captured training states between runs
+    python bench/tuned_lens.py --eval-at 25,50,100       # also the held-out KL on the way
 
 Training data: for every training row, ``prompt | reference`` and ``prompt | the model's own
 greedy continuation`` (--max-new-tokens), the default of ``layerwise train-lens``. Measurement:
@@ -38,12 +39,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1.0)
     ap.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
+    ap.add_argument("--eval-at", default="", help="comma-separated step counts: also print the held-out mean KL "
+                    "after these steps (training time excludes these evaluations)")
     ap.add_argument("--states", help="a .pt file: load the captured training states from it, or save them there")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--save", help="write the (last) trained lens to this new folder")
     args = ap.parse_args()
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from layerwise.data import default_prompts_path, format_prompt, load_examples
     from layerwise.lens import layer_stats
     from layerwise.models import load_model
@@ -87,10 +93,28 @@ def main() -> None:
     logit = layer_stats(adapter, h_eval, targets)
     print(f"held-out positions: {targets.numel()}")
 
+    eval_at = {int(s) for s in args.eval_at.split(",") if s}
+    eval_s = [0.0]
+
+    def probe(done: int, lens: object) -> None:
+        if done not in eval_at:
+            return
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            st = layer_stats(adapter, lens.translate_layers(h_eval), targets)
+        kl = st.kl_to_final[:L].mean(1)
+        print(f"  after {done} steps: held-out KL mean over layers 0..{L - 1} {kl.mean():.3f} (logit lens "
+              f"{logit.kl_to_final[:L].mean():.3f}); layers {L // 2}..{L - 1}: {kl[L // 2:].mean():.3f}", flush=True)
+        eval_s[0] += time.perf_counter() - t0
+
     results = []
     for steps in [int(s) for s in args.steps.split(",")]:
+        eval_s[0] = 0.0
+        t_fit = time.perf_counter()
         lens = fit_tuned_lens(adapter, hidden, steps, args.seed, lr=args.lr, optimizer=args.optimizer,
-                              positions_per_step=args.positions_per_step, model=model_identity(bundle))
+                              positions_per_step=args.positions_per_step, model=model_identity(bundle),
+                              after_step=probe)
+        lens.training_info["train_s"] = round(time.perf_counter() - t_fit - eval_s[0], 3)
         tuned = layer_stats(adapter, lens.translate_layers(h_eval), targets)
         info = lens.training_info
         results.append((steps, lens, tuned))

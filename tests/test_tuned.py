@@ -14,7 +14,6 @@ import torch
 
 from layerwise.cli import main
 from layerwise.errors import ConfigError, TunedLensError
-from layerwise.lens import layer_stats
 from layerwise.tuned import CONFIG_FILE, WEIGHTS_FILE, TunedLens, compare_lenses, model_identity
 from layerwise.tuned_train import (
     fit_tuned_lens,
@@ -180,7 +179,7 @@ def test_training_sequences_are_prompt_reference_and_own_greedy_continuation(lla
     for p, s in zip(prompts, gens):  # the batched (left-padded) continuation = the row alone
         with torch.no_grad():
             alone = llama.model.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False, pad_token_id=0)
-        expect = [t for t in alone[0].tolist()]
+        expect = alone[0].tolist()
         cut = next((i for i in range(len(p), len(expect)) if expect[i] == 2), len(expect))
         assert s == expect[:cut]
 
@@ -388,7 +387,7 @@ def test_train_lens_command_end_to_end(tmp_path, prompts_file, tiny_loader, caps
     assert f"wrote {out}" in capsys.readouterr().out
     lens = TunedLens.load(out, tiny_bundle("llama"))
     info = lens.training_info
-    assert info["steps"] == 3 and info["seed"] == 1 and info["data"]["rows"] == [0, 6]
+    assert info["steps"] == 3 and info["seed"] == 1 and info["data"]["first_row"] == 0 and info["data"]["rows"] == 6
     assert info["sequences"] == 12  # 6 × prompt | reference, 6 × prompt | continuation
     first = (out / WEIGHTS_FILE).read_bytes()
 

@@ -322,10 +322,12 @@ def fit_tuned_lens(
     rows_per_matmul: int = 1024,
     model: dict[str, Any] | None = None,
     progress: bool | None = None,
+    after_step: Callable[[int, TunedLens], None] | None = None,
 ) -> TunedLens:
     """Train translators on captured hidden states ``(L+1, N, d)`` (layer L: the model's last
     hidden state), as :func:`hidden_states_at` returns them. The model's weights get no
-    gradients; only the head, final norm and logit post-processing of ``adapter`` are used."""
+    gradients; only the head, final norm and logit post-processing of ``adapter`` are used.
+    ``after_step(steps_done, lens)`` is called after every step (e.g. to evaluate on the way)."""
     from tqdm import tqdm
 
     _check_training_args(steps, positions_per_step, lr, optimizer, rows_per_matmul=rows_per_matmul)
@@ -357,6 +359,8 @@ def fit_tuned_lens(
                 last += losses / tail
             if step % 10 == 0 or step == steps - 1:
                 bar.set_postfix(kl=f"{float(losses.mean()):.3f}")
+            if after_step is not None:
+                after_step(step + 1, lens)
     train_s = time.perf_counter() - t1
     lens = lens.cpu()
     lens.training_info = {
@@ -506,7 +510,8 @@ def train_lens_command(
     lens.training_info["data"] = {
         "path": str(data_path) if prompts else "layerwise.fixtures/alpaca_cleaned_sample.jsonl",
         "sha256": file_sha256(data_path),
-        "rows": [examples[0].index, examples[-1].index + 1],
+        "first_row": examples[0].index,
+        "rows": len(examples),
         "prompt_format": prompt_format,
         "max_new_tokens": max_new_tokens,
         "sequences": "prompt | reference, and prompt | greedy continuation" if max_new_tokens else "prompt | reference",
