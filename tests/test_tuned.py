@@ -214,6 +214,8 @@ def test_training_rejects_bad_settings(llama):
             fit_tuned_lens(llama.adapter, hidden, **{"steps": 1, **kwargs})
     with pytest.raises(ConfigError, match="no token sequences"):
         train_tuned_lens(llama, [[]], steps=1)
+    with pytest.raises(ConfigError, match="training diverged at step"):  # not a NaN lens written to disk
+        train_tuned_lens(llama, [llama.tokenizer.encode("some text to train on")], steps=5, lr=1e38)
 
 
 def test_adam_option_trains_too(llama):
@@ -234,6 +236,7 @@ def test_save_and_load_roundtrip(llama, trained, tmp_path):
     assert cfg["weights"]["sha256"] == hashlib.sha256((out / WEIGHTS_FILE).read_bytes()).hexdigest()
     back = TunedLens.load(out, llama)
     assert torch.equal(back.weight, trained.weight) and torch.equal(back.bias, trained.bias)
+    assert not back.weight.requires_grad  # for use: applying it builds no autograd graph
     assert back.model == trained.model
     h = torch.randn(5, 32)
     assert torch.equal(back.logits(llama.adapter, h, 1), trained.logits(llama.adapter, h, 1))

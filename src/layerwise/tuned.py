@@ -278,6 +278,7 @@ class TunedLens(torch.nn.Module):
             lens = _load_layerwise(p, cfg)
         else:
             lens = _load_tuned_lens_package(p, cfg)
+        lens.requires_grad_(False)  # for use; training starts from a fresh lens
         if bundle is not None:
             lens.check_model(bundle, f"tuned lens {p}")
         return lens
@@ -415,5 +416,6 @@ def check_output_folder(folder: str | os.PathLike[str], model: dict[str, Any] | 
 def compare_lenses(adapter: Adapter, lens: TunedLens, hidden: dict[int, torch.Tensor],
                    targets: torch.Tensor | None = None) -> dict[str, LayerStats]:
     """Lens statistics of the same positions through the logit lens and the tuned lens."""
-    return {"logit": layer_stats(adapter, hidden, targets),
-            "tuned": layer_stats(adapter, lens.translate_layers(hidden), targets)}
+    with torch.inference_mode():
+        translated = lens.translate_layers(hidden)
+    return {"logit": layer_stats(adapter, hidden, targets), "tuned": layer_stats(adapter, translated, targets)}

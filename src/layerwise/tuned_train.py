@@ -350,6 +350,9 @@ def fit_tuned_lens(
             idx = sampler.take(B)
             opt.zero_grad(set_to_none=False)
             losses = lens_loss(adapter, lens, hidden[:, idx], rows_per_matmul=rows_per_matmul)
+            if not torch.isfinite(losses).all():
+                raise ConfigError(f"training diverged at step {step + 1}: the KL is not finite",
+                                  "lower --lr (or use --optimizer adam)")
             torch.nn.utils.clip_grad_norm_([lens.weight, lens.bias], CLIP_NORM)
             opt.step()
             sched.step()
