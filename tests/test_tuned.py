@@ -265,6 +265,10 @@ def test_identity_rules():
     assert "revision" in identity_mismatch(hub, dict(hub, revision="r2"))
     assert "model 'm'" in identity_mismatch(hub, dict(hub, name="org/other"))
     assert "unembedding" in identity_mismatch(hub, dict(hub, head_sha256="x"))
+    lora = {"name": "my-lora", "sha256": "c" * 64}
+    assert "without an adapter" in identity_mismatch(base, dict(base, adapter=lora))  # base lens, adapted model
+    assert "with adapter 'my-lora'" in identity_mismatch(dict(base, adapter=lora), base)
+    assert identity_mismatch(dict(base, adapter=lora), dict(base, adapter=dict(lora))) is None
 
 
 def test_damaged_or_mixed_files_are_refused(trained, tmp_path):

@@ -212,20 +212,21 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------- train-lens
 
 def add_train_lens(sub: argparse._SubParsersAction) -> None:
+    from .config import PROMPT_FORMATS
+    from .options import declare
+
     p = sub.add_parser(
         "train-lens", help="train a tuned lens (one affine translator per layer) for a model",
         description="Train a tuned lens (Belrose et al. 2023): per layer an affine translator, initialised to the "
                     "identity, trained so that translated hidden states through the final norm and head match the "
                     "model's final distribution (KL). Text: each row's prompt | reference and the model's own "
                     "greedy continuation of the prompt. Writes config.json + params.safetensors into OUTPUT.")
-    p.add_argument("--model", default="smollm2-135m",
-                   help="hub id, local folder, .gguf file or the built-in 'smollm2-135m' (default)")
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="new or empty folder for the lens")
     p.add_argument("--prompts", help="prompts file, JSONL or CSV (default: the shipped 62-row Alpaca-cleaned sample)")
     p.add_argument("--skip", type=int, default=0, metavar="N",
                    help="leave out the first N rows (--skip 20 keeps the rows of a default run out of training)")
     p.add_argument("--limit", type=int, metavar="N", help="use N rows after the skipped ones (default: all)")
-    p.add_argument("--prompt-format", default="alpaca", choices=("alpaca", "alpaca-stanford", "chat", "raw"),
+    p.add_argument("--prompt-format", default="alpaca", choices=PROMPT_FORMATS,
                    help="how a row becomes a prompt (default: alpaca)")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                    help="greedy tokens the model generates per row as extra text; 0: none (default: 64)")
@@ -238,22 +239,20 @@ def add_train_lens(sub: argparse._SubParsersAction) -> None:
                         "(default: 1.0)")
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"),
                    help="SGD with Nesterov momentum (the tuned-lens default) or AMSGrad Adam (default: sgd)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="weights dtype (default: auto)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
     p.add_argument("--force", action="store_true",
                    help="replace a tuned lens of the same model in OUTPUT (nothing else is ever overwritten)")
+    declare(p.add_argument, ("model",))  # --model, --dtype, --device, --revision, quantization, … as for a run
 
     def run(args: argparse.Namespace) -> int:
+        from .config import from_options
+        from .options import read_namespace
         from .tuned_train import train_lens_command
 
+        load = from_options(read_namespace(args), Path.cwd(), environ={}).run.load_config()
         out = train_lens_command(
-            model=args.model, output=args.output, prompts=args.prompts, limit=args.limit, skip=args.skip,
+            load=load, output=args.output, prompts=args.prompts, limit=args.limit, skip=args.skip,
             prompt_format=args.prompt_format, max_new_tokens=args.max_new_tokens, steps=args.steps, seed=args.seed,
-            lr=args.lr, optimizer=args.optimizer, positions_per_step=args.positions_per_step, dtype=args.dtype,
-            device=args.device, revision=args.revision, trust_remote_code=args.trust_remote_code, force=args.force,
+            lr=args.lr, optimizer=args.optimizer, positions_per_step=args.positions_per_step, force=args.force,
             log=lambda m: print(f"layerwise: {m}", file=sys.stderr, flush=True))
         print(f"layerwise: wrote {out}")
         return 0

@@ -90,9 +90,17 @@ def model_identity(bundle: Any) -> dict[str, Any]:
         "hidden_size": info.get("hidden_size"),
         "vocab_size": info.get("vocab_size"),
         "head_sha256": head_sha256(adapter),
+        "adapter": _adapter_id(info.get("adapter")),
         "dtype": info.get("dtype"),
         "quantization": info.get("quantization"),
     }
+
+
+def _adapter_id(desc: Any) -> dict[str, Any] | None:
+    """A PEFT adapter applied on top of the model (name and folder hash), or None."""
+    if not isinstance(desc, dict):
+        return None
+    return {"name": desc.get("name"), "sha256": desc.get("sha256")}
 
 
 def _short(v: Any) -> str:
@@ -128,6 +136,9 @@ def identity_mismatch(saved: dict[str, Any], now: dict[str, Any], now_head_tl: s
         return f"the model file with SHA-256 {_short(saved['file_sha256'])}, this one is {_short(now['file_sha256'])}"
     if saved.get("head_sha256") and now.get("head_sha256") and saved["head_sha256"] != now["head_sha256"]:
         return f"{saved.get('name')!r} (another unembedding matrix)"
+    a_ad, b_ad = saved.get("adapter"), now.get("adapter")
+    if (a_ad or {}).get("sha256") != (b_ad or {}).get("sha256"):
+        return (f"{saved.get('name')!r} with adapter {a_ad.get('name')!r}" if a_ad else f"{saved.get('name')!r} without an adapter")
     if not same_file and saved.get("name") != now.get("name"):
         return f"model {saved.get('name')!r}"
     if saved.get("revision") and now.get("revision") and saved["revision"] != now["revision"]:

@@ -441,7 +441,7 @@ def train_tuned_lens(
 
 def train_lens_command(
     *,
-    model: str,
+    load: Any = None,
     output: str,
     prompts: str | None = None,
     limit: int | None = None,
@@ -453,16 +453,14 @@ def train_lens_command(
     lr: float = 1.0,
     optimizer: str = "sgd",
     positions_per_step: int = 32,
-    dtype: str = "auto",
-    device: str = "auto",
-    revision: str | None = None,
-    trust_remote_code: bool = False,
     force: bool = False,
     log: Log | None = None,
 ) -> Path:
     """Everything ``layerwise train-lens`` does: check the inputs and the output folder before
-    loading the model, build the sequences, train, write. Returns the folder written."""
-    from .data import PROMPT_FORMATS, default_prompts_path, file_sha256, format_prompt, load_examples
+    loading the model (``load``: a :class:`layerwise.config.LoadConfig`, default the default
+    model), build the sequences, train, write. Returns the folder written."""
+    from .config import LoadConfig
+    from .data import PROMPT_FORMATS, default_prompts_path, format_prompt, load_examples
     from .models import load_model
 
     say = log or (lambda _m: None)
@@ -478,8 +476,11 @@ def train_lens_command(
             raise ConfigError(f"--{name} must be a whole number >= 1, not {value!r}", f"pass --{name} 1 or more")
     if not (math.isfinite(lr) and lr > 0):
         raise ConfigError(f"--lr must be a positive number, not {lr!r}", "pass e.g. --lr 1.0")
+    load = load if load is not None else LoadConfig()
+    load.validate()
     data_path = Path(prompts) if prompts else default_prompts_path()
     examples = load_examples(data_path)
+    data_sha256 = examples.sha256
     if skip >= len(examples):
         raise ConfigError(f"--skip {skip} leaves no rows: {data_path} has {len(examples)}",
                           f"pass --skip below {len(examples)}")
@@ -490,8 +491,8 @@ def train_lens_command(
         examples = examples[:limit]
     check_output_folder(output, None, force=force)
 
-    say(f"loading model {model} …")
-    bundle = load_model(model, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code)
+    say(f"loading model {load.model} …")
+    bundle = load_model(load.model, **load.kwargs())
     check_output_folder(output, model_identity(bundle), force=force)
     tok = bundle.tokenizer
     texts = [format_prompt(ex, prompt_format, tok) for ex in examples]
@@ -512,7 +513,7 @@ def train_lens_command(
                             positions_per_step=positions_per_step, log=say)
     lens.training_info["data"] = {
         "path": str(data_path) if prompts else "layerwise.fixtures/alpaca_cleaned_sample.jsonl",
-        "sha256": file_sha256(data_path),
+        "sha256": data_sha256,
         "first_row": examples[0].index,
         "rows": len(examples),
         "prompt_format": prompt_format,
