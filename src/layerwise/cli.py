@@ -209,11 +209,62 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_calibrate)
 
 
+# --------------------------------------------------------------------------- train-lens
+
+def add_train_lens(sub: argparse._SubParsersAction) -> None:
+    from .config import PROMPT_FORMATS
+    from .options import declare
+
+    p = sub.add_parser(
+        "train-lens", help="train a tuned lens (one affine translator per layer) for a model",
+        description="Train a tuned lens (Belrose et al. 2023): per layer an affine translator, initialised to the "
+                    "identity, trained so that translated hidden states through the final norm and head match the "
+                    "model's final distribution (KL). Text: each row's prompt | reference and the model's own "
+                    "greedy continuation of the prompt. Writes config.json + params.safetensors into OUTPUT.")
+    p.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="new or empty folder for the lens")
+    p.add_argument("--prompts", help="prompts file, JSONL or CSV (default: the shipped 62-row Alpaca-cleaned sample)")
+    p.add_argument("--skip", type=int, default=0, metavar="N",
+                   help="leave out the first N rows (--skip 20 keeps the rows of a default run out of training)")
+    p.add_argument("--limit", type=int, metavar="N", help="use N rows after the skipped ones (default: all)")
+    p.add_argument("--prompt-format", default="alpaca", choices=PROMPT_FORMATS,
+                   help="how a row becomes a prompt (default: alpaca)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="greedy tokens the model generates per row as extra text; 0: none (default: 64)")
+    p.add_argument("--steps", type=int, default=250, metavar="N", help="optimizer steps (default: 250)")
+    p.add_argument("--positions-per-step", type=int, default=32, metavar="N",
+                   help="token positions per step, each through every layer (default: 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the position sampling (default: 0)")
+    p.add_argument("--lr", type=float, default=1.0,
+                   help="learning-rate scale as in tuned-lens: SGD lr = LR × (1 − momentum), Adam lr = LR × 1e-3 "
+                        "(default: 1.0)")
+    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"),
+                   help="SGD with Nesterov momentum (the tuned-lens default) or AMSGrad Adam (default: sgd)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a tuned lens of the same model in OUTPUT (nothing else is ever overwritten)")
+    declare(p.add_argument, ("model",))  # --model, --dtype, --device, --revision, quantization, … as for a run
+
+    def run(args: argparse.Namespace) -> int:
+        from .config import from_options
+        from .options import read_namespace
+        from .tuned_train import train_lens_command
+
+        load = from_options(read_namespace(args), Path.cwd(), environ={}).run.load_config()
+        out = train_lens_command(
+            load=load, output=args.output, prompts=args.prompts, limit=args.limit, skip=args.skip,
+            prompt_format=args.prompt_format, max_new_tokens=args.max_new_tokens, steps=args.steps, seed=args.seed,
+            lr=args.lr, optimizer=args.optimizer, positions_per_step=args.positions_per_step, force=args.force,
+            log=lambda m: print(f"layerwise: {m}", file=sys.stderr, flush=True))
+        print(f"layerwise: wrote {out}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 # --------------------------------------------------------------------------- parser
 
 #: One function per subcommand; a new subcommand appends its ``add_*`` here.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_run, add_report, add_compare, add_check,
-                                                                   add_calibrate]
+                                                                   add_calibrate, add_train_lens]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,3 +43,7 @@ class ResultsError(LayerwiseError):
 class OutputError(ConfigError):
     """An output cannot be written safely: a special file, the same file as an input or another
     output, a full disk, a write error. The old file at that path is left as it was."""
+
+
+class TunedLensError(LayerwiseError):
+    """A tuned-lens folder is missing, corrupt, or was trained for another model."""
