@@ -534,10 +534,10 @@ def test_baseline_update_compare_refuse(pytester, tiny_llama_dir, tiny_llama_oth
     # 4. another model, same settings: compared, and the numbers that moved are listed
     r = pytester.runpytest(*tiny(tiny_llama_other_dir, "--baseline", "b.json"))
     r.assert_outcomes(failed=1)
-    r.stdout.fnmatch_lines(["*gate FAILED against b.json (* of * numbers outside tolerance)*",
+    r.stdout.fnmatch_lines(["*gate FAILED against b.json: departs from the baseline at layer 0*; * of * numbers outside tolerance*",
                             "*teacher_forced.* at layer *vs baseline*allowed*",
                             "wrote obtained reports/b.obtained.json (accept the change: copy it over b.json)",
-                            "layerwise: gate FAILED against b.json (* of * numbers outside tolerance)"])
+                            "layerwise: gate FAILED against b.json: departs from the baseline at layer 0 (the final norm or the embeddings); * of * numbers outside tolerance"])
     res = json.loads((pytester.path / "reports" / "results.json").read_text())
     assert res["tests"][0]["outcome"] == "failed" and "outside tolerance" in res["tests"][0]["message"]
     assert res["gate"]["status"] == "failed" and res["gate"]["outside"] == len(res["gate"]["deviations"]) > 0
