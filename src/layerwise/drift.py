@@ -17,8 +17,9 @@ def layer_drift(a: Any, b: Any, prompt_ids: list[list[int]], ref_ids: list[list[
                 *, batch_size: int = 20, rows_per_matmul: int = 256) -> dict[str, Any]:
     """KL(a_k ‖ b_k) and top-1 agreement per layer k, over the reference positions.
 
-    The rows go through both models ``batch_size`` at a time (as the sweep does), each batch as
-    ``prompt | reference`` left-padded (:func:`layerwise.lens.pack_rows`).
+    The rows go through both models ``batch_size`` at a time (one at a time where either model
+    may not be left-padded, as in the sweep), each batch as ``prompt | reference`` left-padded
+    (:func:`layerwise.lens.pack_rows`).
     """
     import torch
 
@@ -32,6 +33,10 @@ def layer_drift(a: Any, b: Any, prompt_ids: list[list[int]], ref_ids: list[list[
         raise ConfigError(f"the two models have vocabularies of {va} and {vb} tokens", "compare models with the same tokenizer")
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}", "pass a positive batch size")
+    from .families import batch_prompts
+
+    if not all(batch_prompts(str(m.adapter.model_type), m.info.get("lens_proof")) for m in (a, b)):
+        batch_size = 1  # a model whose numbers move with left padding: one row at a time, as the sweep does
     pad = a.tokenizer.pad_token_id or 0
     kls, agrees = [], []
     for r0 in range(0, len(prompt_ids), batch_size):
