@@ -35,17 +35,11 @@ def _prompts(bundle: Any, rows: int, fmt: str) -> tuple[list[list[int]], list[li
 
 
 def _batch(bundle: Any, prompt_ids: list[list[int]]) -> tuple[Any, Any]:
-    import torch
+    from layerwise.lens import pack_rows
 
-    pad = bundle.tokenizer.pad_token_id or 0
-    S = max(map(len, prompt_ids))
-    ids = torch.full((len(prompt_ids), S), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompt_ids):
-        ids[i, S - len(p):] = torch.tensor(p)
-        mask[i, S - len(p):] = 1
+    packed = pack_rows(prompt_ids, None, bundle.tokenizer.pad_token_id or 0)
     dev = bundle.device
-    return ids.to(dev), mask.to(dev)
+    return packed.ids.to(dev), packed.mask.to(dev)
 
 
 def _sync(device: str) -> None:

@@ -18,7 +18,7 @@ def encoded(layerwise_model):
 def test_lens_at_final_layer_equals_model_logits(layerwise_model, encoded):
     import torch
 
-    from layerwise.lens import position_ids_from_mask
+    from layerwise.compat import position_ids_from_mask
 
     model, adapter = layerwise_model.model, layerwise_model.adapter
     dev = layerwise_model.device

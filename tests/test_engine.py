@@ -283,14 +283,19 @@ def test_engine_leaves_the_model_as_it_found_it():
     def hooks():  # (transformers may install its own output-capturing hooks; those stay)
         return [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in b.adapter.blocks]
 
+    def own_forwards():  # an instance's own ``forward`` (transformers 4.x leaves its bound method there
+        return [m.__dict__.get("forward") for m in b.adapter.blocks]  # after output_hidden_states)
+
     with torch.no_grad():
         before = b.model(input_ids=ids, attention_mask=mask).logits
-    hooks_before = hooks()
+    hooks_before, forwards_before = hooks(), own_forwards()
     run_lens(b, ids, mask, top_k=1)
     batched_exits("llama", (1, 3))
     assert hooks() == hooks_before
+    assert own_forwards() == forwards_before
     for block in b.adapter.blocks:
-        assert "forward" not in block.__dict__
+        own = block.__dict__.get("forward")
+        assert own is None or getattr(own, "__func__", None) is type(block).forward, "a patched forward remains"
     with torch.no_grad():
         after = b.model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(before, after)

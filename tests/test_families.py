@@ -122,8 +122,8 @@ def _reference(ref, prompt: list[int], eos: list[int]) -> list[int]:
 
 def _lens_at(bundle, prompt: list[int], k: int) -> torch.Tensor:
     """Layer k of the lens for one unpadded prompt, read the way the lens reads it."""
-    from layerwise.lens import capture_hidden, position_ids_from_mask
-    from layerwise.proof import accepts
+    from layerwise.compat import accepts, position_ids_from_mask
+    from layerwise.lens import capture_hidden
 
     ad = bundle.adapter
     x = torch.tensor([prompt])

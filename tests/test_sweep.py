@@ -13,7 +13,10 @@ torch = pytest.importorskip("torch")
 
 from tiny_models import FAMILIES, tiny_bundle, truncated_copy  # noqa: E402
 
-TOL = 1e-5
+# float32 rounding of a padded batch vs one unpadded row (other matmul shapes): up to 1.9e-6 on
+# transformers 5.24 and 4.57, 1.4e-5 on 4.56 (Gemma-2, xent at layer 3); the same comparison in
+# float64 agrees exactly, and a real error (a position, the norm, a block off) is > 1e-2.
+TOL = 5e-5
 
 
 def _reference_tokens(model, prompt_ids, pad, k, n):

@@ -15,8 +15,9 @@ type transformers ships and writes docs/architectures.md.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import UnsupportedArchitectureError
 
@@ -195,3 +196,58 @@ class Adapter:
         sits between norm and head, unless the state's width needs it).
         """
         return self.logits(self.prepare(hidden, norm=norm))
+
+    # -- the forward primitive: one pass, hidden states of every layer ----------------------------
+
+    @contextlib.contextmanager
+    def capture(self, select: Any = None) -> "Iterator[dict[int, torch.Tensor]]":
+        """Record layers 0..L-1 (input of block 1, outputs of blocks 1..L-1) during a forward.
+
+        ``select`` indexes the position axis (a slice or index tensor) so only what is needed is
+        kept. Layer L is not recorded here: it is the base model's ``last_hidden_state``
+        (:meth:`forward` adds it).
+        """
+        from .compat import block_hidden
+
+        store: dict[int, Any] = {}
+        sel = slice(None) if select is None else select
+
+        def pre_hook(_mod: Any, args: tuple, kwargs: dict) -> None:
+            h = args[0] if args else kwargs["hidden_states"]
+            store[0] = h[:, sel].detach().clone()  # a copy: a view would keep the whole (B, T, d) tensor alive
+
+        handles = [self.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
+        for j in range(len(self.blocks) - 1):
+
+            def hook(_mod: Any, _args: Any, out: Any, k: int = j + 1) -> None:
+                store[k] = block_hidden(out)[:, sel].detach().clone()
+
+            handles.append(self.blocks[j].register_forward_hook(hook))
+        try:
+            yield store
+        finally:
+            for h in handles:
+                h.remove()
+
+    def forward(self, input_ids: "torch.Tensor", attention_mask: "torch.Tensor | None" = None, *,
+                cache: Any = None, select: Any = None) -> "dict[int, torch.Tensor]":
+        """One pass of the base model over a (left-padded) batch → hidden states of layers 0..L,
+        each ``(B, positions, d)``, at the positions ``select`` (a slice or index tensor over the
+        position axis; ``None``: all).
+
+        Layer L is the base model's ``last_hidden_state`` (normed already: unembed it with
+        ``norm=False``). Position ids follow the mask, as ``generate`` makes them, whenever the
+        decoder takes them. With ``cache`` (:func:`layerwise.compat.new_cache`) the pass fills
+        it, so that decoding can continue from it. The inputs must be on the model's device.
+        """
+        import torch
+
+        from .compat import forward_kwargs
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        kwargs = forward_kwargs(self.decoder, attention_mask, cache)
+        with torch.inference_mode(), self.capture(select) as store:
+            out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=cache is not None, **kwargs)
+        store[self.num_layers] = out.last_hidden_state[:, slice(None) if select is None else select]
+        return store

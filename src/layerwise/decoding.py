@@ -13,17 +13,16 @@ layer's cache once enough of them have accumulated.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
 
+from . import compat
 from .archs import Adapter
 from .config import Decoding, default_exits, validate_exits
 from .errors import ConfigError
 from .families import check_early_exit
-from .lens import cache_kwarg, capture_hidden, position_ids_from_mask
 
 
 @dataclass
@@ -61,21 +60,16 @@ def eos_ids(bundle: Any) -> set[int]:
     return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
 
 
-def _slice_rows(x: Any, batch: int, n: int) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x[:n] if x.dim() >= 2 and x.shape[0] == batch else x
-    if isinstance(x, tuple) and x and all(isinstance(t, torch.Tensor) for t in x):
-        return tuple(_slice_rows(t, batch, n) for t in x)
-    return x
-
-
 @contextlib.contextmanager
 def gated_blocks(adapter: Adapter, active: list[int]) -> Iterator[list[int]]:
     """Make block j run on the first ``active[j]`` rows only; other rows pass through unchanged.
 
     ``active`` is read at call time, so the caller may update it in place between steps.
+    A block that runs on no row returns its input in the form the blocks that ran returned
+    theirs (block 1 always runs: every exit is at or beyond it).
     """
     patched = []
+    form: dict[str, Any] = {}  # what a block's output looks like (a tensor, or a tuple in transformers 4.x)
     for j, block in enumerate(adapter.blocks):
         had_own = "forward" in block.__dict__
         orig = block.forward
@@ -83,16 +77,17 @@ def gated_blocks(adapter: Adapter, active: list[int]) -> Iterator[list[int]]:
         def gated(hidden_states: torch.Tensor, *args: Any, _orig: Any = orig, _j: int = j, **kwargs: Any) -> Any:
             batch = hidden_states.shape[0]
             n = active[_j]
-            if n >= batch:
-                return _orig(hidden_states, *args, **kwargs)
             if n <= 0:
-                return hidden_states
-            sub_args = [_slice_rows(a, batch, n) for a in args]
-            sub_kwargs = {k: (v if k == "cache_position" else _slice_rows(v, batch, n)) for k, v in kwargs.items()}
+                return compat.block_output(hidden_states, form["out"])
+            if n >= batch:
+                out = _orig(hidden_states, *args, **kwargs)
+                form["out"] = compat.output_form(out)
+                return out
+            sub_args, sub_kwargs = compat.slice_block_call(args, kwargs, batch, n)
             out = _orig(hidden_states[:n], *sub_args, **sub_kwargs)
-            h = out[0] if isinstance(out, tuple) else out
-            full = torch.cat([h, hidden_states[n:]], dim=0)
-            return (full, *out[1:]) if isinstance(out, tuple) else full
+            form["out"] = compat.output_form(out)
+            full = torch.cat([compat.block_hidden(out), hidden_states[n:]], dim=0)
+            return compat.block_output(full, out)
 
         block.forward = gated
         patched.append((block, had_own, orig))
@@ -106,48 +101,11 @@ def gated_blocks(adapter: Adapter, active: list[int]) -> Iterator[list[int]]:
                 del block.forward
 
 
-def _cache_layers(cache: Any) -> list[Any]:
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        raise RuntimeError("this transformers version's cache has no per-layer storage (cache.layers)")
-    return layers
-
-
-def _select_rows(layer: Any, index: torch.Tensor) -> None:
-    """Keep (or repeat) the rows ``index`` of one layer's cache: keys and values, and whatever
-    else the layer holds per row (indexer keys, convolution and recurrent states) — the layer's
-    own ``reorder_cache`` knows its state."""
-    reorder = getattr(layer, "reorder_cache", None)
-    if reorder is not None:
-        reorder(index)
-        return
-    for name in ("keys", "values"):
-        t = getattr(layer, name, None)
-        if isinstance(t, torch.Tensor) and t.numel():
-            setattr(layer, name, t.index_select(0, index.to(t.device)))
-
-
-def _accepts(module: Any, name: str) -> bool:
-    try:
-        return name in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return True
-
-
 def prefill(bundle: Any, input_ids: torch.Tensor, mask: torch.Tensor, layers: Sequence[int]) -> Prefill:
     """Run the prompts once through all blocks, keeping the cache and the last-position states."""
-    from transformers import DynamicCache
-
-    adapter: Adapter = bundle.adapter
-    L = adapter.num_layers
-    cache = DynamicCache(config=bundle.model.config)
-    kwargs: dict[str, Any] = {cache_kwarg(adapter.decoder): cache}
-    if _accepts(adapter.decoder, "position_ids"):
-        kwargs["position_ids"] = position_ids_from_mask(mask)
-    with torch.inference_mode(), capture_hidden(adapter, select=slice(-1, None)) as store:
-        out = adapter.decoder(input_ids=input_ids, attention_mask=mask, use_cache=True, **kwargs)
-    store[L] = out.last_hidden_state[:, -1:]
-    return Prefill(cache=cache, mask=mask, last_hidden={k: store[k][:, 0] for k in layers})
+    cache = compat.new_cache(bundle.model.config)
+    hidden = bundle.adapter.forward(input_ids, mask, cache=cache, select=slice(-1, None))
+    return Prefill(cache=cache, mask=mask, last_hidden={k: hidden[k][:, 0] for k in layers})
 
 
 def _pick(logits: torch.Tensor, dec: Decoding, gen: torch.Generator | None) -> torch.Tensor:
@@ -233,13 +191,13 @@ def generate_exits(
     logits0 = torch.cat([first_logits[e] for e in order], dim=0)
 
     # Expand the prompts' cache: block j keeps the rows whose exit is >= j+1.
-    layers = _cache_layers(pre.cache)
+    layers = compat.cache_layers(pre.cache)
     reps = [int((torch.tensor(order) >= j + 1).sum()) for j in range(L)]
     for j, layer in enumerate(layers[:L]):
         if reps[j] > 1:  # rows exit-major: the prompts' rows, once per exit that reaches block j
-            _select_rows(layer, torch.arange(P).repeat(reps[j]))
+            compat.select_cache_rows(layer, torch.arange(P).repeat(reps[j]))
     mask = attention_mask.repeat(len(order), 1)
-    last_pos = position_ids_from_mask(attention_mask)[:, -1].repeat(len(order))
+    last_pos = compat.position_ids_from_mask(attention_mask)[:, -1].repeat(len(order))
 
     n_rows = len(order) * P
     out_tokens: list[list[int]] = [[] for _ in range(n_rows)]
@@ -249,8 +207,8 @@ def generate_exits(
     next_tok = _pick(logits0, dec, gen).cpu()
     ent = _entropy(logits0).cpu()
     active = [int((row_exit >= j + 1).sum()) for j in range(L)]
-    ckw = cache_kwarg(model)
-    use_pos = _accepts(model, "position_ids")
+    ckw = compat.cache_kwarg(model)
+    use_pos = compat.accepts(model, "position_ids")
     steps = 0
     with torch.inference_mode(), gated_blocks(adapter, active):
         for t in range(dec.max_new_tokens):
@@ -270,7 +228,7 @@ def generate_exits(
                 keep = (~fin).nonzero().squeeze(-1)
                 keep_dev = keep.to(dev)
                 for j, layer in enumerate(layers[:L]):
-                    _select_rows(layer, keep_dev[keep_dev < active[j]])
+                    compat.select_cache_rows(layer, keep_dev[keep_dev < active[j]])
                 alive, next_tok, ent = alive[keep], next_tok[keep], ent[keep]
                 mask, last_pos = mask[keep_dev], last_pos[keep_dev]
                 active[:] = [int((row_exit[alive] >= j + 1).sum()) for j in range(L)]

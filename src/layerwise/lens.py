@@ -5,17 +5,21 @@ scaling or position embeddings the model adds). Layers 0..L-1 go through the fin
 head (:meth:`Adapter.unembed`); layer L is the base model's own ``last_hidden_state`` through the
 head alone, i.e. exactly the model's logits.
 
-Hidden states are captured with hooks on the blocks (only at the positions asked for), and the
-statistics are computed layer by layer over chunks of positions, so an L × T × V tensor never
-exists: peak extra memory is about ``chunk × V`` floats a few times over.
+Hidden states come from :meth:`Adapter.forward` (hooks on the blocks, only at the positions asked
+for), and the statistics are computed layer by layer over chunks of positions, so an L × T × V
+tensor never exists: peak extra memory is about ``chunk × V`` floats a few times over.
+
+The lens also owns its inputs and outputs: :func:`pack_rows` lays out teacher-forced
+``prompt | reference`` rows, and :func:`lens_section` / :func:`summary` / :func:`rounded` turn
+statistics into the per-layer curves of the results JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
+import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -24,47 +28,10 @@ from .archs import Adapter
 STATS = ("entropy", "kl_to_final", "top1_agree", "final_top1_rank", "xent", "entropy_raw", "xent_raw")
 
 
-def cache_kwarg(model: Any) -> str:
-    """Name of the KV-cache argument (``cache`` in transformers ≥ 5.2x, ``past_key_values`` before)."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Positions for a left-padded batch, the way ``generate`` makes them."""
-    pos = mask.long().cumsum(-1) - 1
-    return pos.masked_fill(mask == 0, 0)
-
-
-@contextlib.contextmanager
-def capture_hidden(adapter: Adapter, select: Any = None) -> Iterator[dict[int, torch.Tensor]]:
-    """Record layers 0..L-1 (input of block 1, outputs of blocks 1..L-1) during a forward.
-
-    ``select`` indexes the position axis (a slice or index tensor) so only what is needed is kept.
-    Layer L is not recorded here: take it from the base model's ``last_hidden_state``.
-    """
-    store: dict[int, torch.Tensor] = {}
-    sel = slice(None) if select is None else select
-    blocks = adapter.blocks
-    handles = []
-
-    def pre_hook(_mod: Any, args: tuple, kwargs: dict) -> None:
-        h = args[0] if args else kwargs["hidden_states"]
-        store[0] = h[:, sel].detach().clone()  # a copy: a view would keep the whole (B, T, d) tensor alive
-
-    handles.append(blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
-    for j in range(len(blocks) - 1):
-
-        def hook(_mod: Any, _args: Any, out: Any, k: int = j + 1) -> None:
-            h = out[0] if isinstance(out, (tuple, list)) else out
-            store[k] = h[:, sel].detach().clone()
-
-        handles.append(blocks[j].register_forward_hook(hook))
-    try:
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
+def capture_hidden(adapter: Adapter, select: Any = None) -> contextlib.AbstractContextManager[dict[int, torch.Tensor]]:
+    """Record layers 0..L-1 during a forward: :meth:`Adapter.capture` (layer L is the base model's
+    ``last_hidden_state``; :meth:`Adapter.forward` gives all L+1 layers in one call)."""
+    return adapter.capture(select)
 
 
 @dataclass
@@ -217,14 +184,7 @@ def run_lens(
     dev = bundle.device
     input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
     L = adapter.num_layers
-    with torch.inference_mode(), capture_hidden(adapter) as store:
-        out = adapter.decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        )
-    store[L] = out.last_hidden_state
+    store = adapter.forward(input_ids, attention_mask)
     mask = attention_mask.bool()
     targets = torch.full_like(input_ids, -100)
     targets[:, :-1] = input_ids[:, 1:]
@@ -255,3 +215,110 @@ def run_lens(
         records.append(LensRecord(tokens=tok.convert_ids_to_tokens(ids), stats=stats, topk=topk))
         offset += n
     return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher-forced rows: ``prompt | reference``, left-padded
+
+
+@dataclass
+class Packed:
+    """Rows ``prompt | reference`` in one left-padded batch: the prompts end at column ``S`` (all
+    rows alike), the references follow from there. ``targets[j, i]`` is reference token i of row j
+    (-100 past its end); ``valid[j, i]`` marks the positions whose lens is taken: every reference
+    token, and at least the first response position of a row without one."""
+
+    ids: torch.Tensor  # (B, S + R)
+    mask: torch.Tensor  # (B, S + R)
+    targets: torch.Tensor  # (B, R)
+    valid: torch.Tensor  # (B, R) bool
+    prompt_len: int  # S
+
+    @property
+    def window(self) -> slice:
+        """The positions predicting reference tokens 0..R-1: prompt's last token onwards."""
+        S = self.prompt_len
+        return slice(S - 1, S - 1 + self.targets.shape[1])
+
+
+def pack_rows(prompt_ids: list[list[int]], ref_ids: list[list[int]] | None, pad: int) -> Packed:
+    """Pack rows ``prompt | reference`` left-padded to a common prompt length ``S``, the references
+    right-padded to the longest one (``R`` ≥ 1 columns). ``ref_ids=None``: the prompts alone (R = 0)."""
+    S = max(map(len, prompt_ids))
+    R = 0 if ref_ids is None else max(max((len(r) for r in ref_ids), default=1), 1)
+    B = len(prompt_ids)
+    ids = torch.full((B, S + R), pad, dtype=torch.long)
+    mask = torch.zeros((B, S + R), dtype=torch.long)
+    targets = torch.full((B, R), -100, dtype=torch.long)
+    valid = torch.zeros((B, R), dtype=torch.bool)
+    for j, p in enumerate(prompt_ids):
+        ids[j, S - len(p):S] = torch.tensor(p)
+        mask[j, S - len(p):S] = 1
+        if ref_ids is None:
+            continue
+        r = ref_ids[j]
+        if r:
+            ids[j, S:S + len(r)] = torch.tensor(r)
+            mask[j, S:S + len(r)] = 1
+            targets[j, :len(r)] = torch.tensor(r)
+        valid[j, :max(1, len(r))] = True
+    return Packed(ids=ids, mask=mask, targets=targets, valid=valid, prompt_len=S)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-layer summaries of LayerStats, as they go into the results JSON
+
+
+def rounded(x: float, nd: int = 6) -> float | None:
+    """``x`` rounded to ``nd`` decimals; NaN → None (JSON has no NaN)."""
+    x = float(x)
+    return None if math.isnan(x) else round(x, nd)
+
+
+def summary(t: torch.Tensor) -> dict[str, list[float | None]]:
+    """(L+1, N) tensor → per-layer mean / q25 / q75 over the positions (NaNs ignored)."""
+    rows = []
+    for layer in t:
+        v = layer[~torch.isnan(layer)]
+        rows.append(v)
+    def q(v: Any, p: float) -> float:
+        return float(torch.quantile(v, p)) if v.numel() else float("nan")
+    return {
+        "mean": [rounded(v.mean()) if v.numel() else None for v in rows],
+        "q25": [rounded(q(v, 0.25)) for v in rows],
+        "q75": [rounded(q(v, 0.75)) for v in rows],
+    }
+
+
+def lens_section(st: LayerStats, sel: Any) -> dict[str, Any]:
+    """Per-layer summaries of a LayerStats restricted to the positions ``sel``."""
+
+    def sub(x: Any) -> Any:
+        return None if x is None else x[:, sel]
+
+    rank = sub(st.final_top1_rank)
+    out: dict[str, Any] = {
+        "entropy": summary(sub(st.entropy)),
+        "kl_to_final": summary(sub(st.kl_to_final)),
+        "top1_agree": [rounded(v) for v in sub(st.top1_agree).mean(1).tolist()],
+        "final_top1_rank": {"mean": [rounded(v) for v in rank.mean(1).tolist()],
+                            "median": [rounded(v) for v in rank.median(1).values.tolist()]},
+    }
+    if st.entropy_raw is not None:
+        out["entropy_raw"] = summary(sub(st.entropy_raw))
+    if st.xent is not None:
+        out["xent"] = summary(sub(st.xent))
+    if st.xent_raw is not None:
+        out["xent_raw"] = summary(sub(st.xent_raw))
+    return out
+
+
+def concat_stats(parts: list[LayerStats]) -> LayerStats:
+    """LayerStats of several batches joined along the positions."""
+    if len(parts) == 1:
+        return parts[0]
+    fields = {}
+    for name in ("entropy", "kl_to_final", "top1_agree", "final_top1_rank", "xent", "entropy_raw", "xent_raw", "topk_ids", "topk_probs"):
+        vals = [getattr(p, name) for p in parts]
+        fields[name] = None if vals[0] is None else torch.cat(vals, dim=1)
+    return LayerStats(**fields)

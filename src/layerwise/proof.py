@@ -21,9 +21,10 @@ from __future__ import annotations
 from typing import Any
 
 from .archs import ARCHITECTURES, Adapter
+from .compat import accepts, position_ids_from_mask
 from .discover import discover, hidden_of, probe_device, probe_ids
 from .errors import UnsupportedArchitectureError
-from .lens import capture_hidden, position_ids_from_mask
+from .lens import capture_hidden
 
 PROBE_LENGTH = 8
 # Allowed |lens - model| on the logits, relative to max(1, max |logit|), by compute dtype. The two
@@ -48,16 +49,6 @@ def compute_dtype(model: Any) -> str:
 def tolerance(model: Any, logits: Any) -> float:
     rel = RELATIVE_TOLERANCE.get(compute_dtype(model), 2e-2)
     return rel * max(1.0, float(logits.abs().max()))
-
-
-def accepts(module: Any, name: str) -> bool:
-    """Whether ``module.forward`` takes an argument ``name`` (True when its signature is hidden)."""
-    import inspect
-
-    try:
-        return name in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return True
 
 
 PAD = 3  # pad tokens in the padded probe row

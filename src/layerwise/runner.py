@@ -10,7 +10,6 @@ assemble the dict described in docs/results-schema.md.
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import platform
 import time
 from dataclasses import dataclass
@@ -50,53 +49,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _r(x: float, nd: int = 6) -> float | None:
-    x = float(x)
-    return None if math.isnan(x) else round(x, nd)
-
-
-def _summary(t: Any) -> dict[str, list[float | None]]:
-    """(L+1, N) tensor → per-layer mean / q25 / q75 over the positions (NaNs ignored)."""
-    import torch
-
-    rows = []
-    for layer in t:
-        v = layer[~torch.isnan(layer)]
-        rows.append(v)
-    def q(v: Any, p: float) -> float:
-        return float(torch.quantile(v, p)) if v.numel() else float("nan")
-    return {
-        "mean": [_r(v.mean()) if v.numel() else None for v in rows],
-        "q25": [_r(q(v, 0.25)) for v in rows],
-        "q75": [_r(q(v, 0.75)) for v in rows],
-    }
-
-
-def _lens_section(st: Any, sel: Any) -> dict[str, Any]:
-    """Per-layer summaries of a LayerStats restricted to the positions ``sel``."""
-    import torch
-
-    def sub(x: Any) -> Any:
-        return None if x is None else x[:, sel]
-
-    rank = sub(st.final_top1_rank)
-    out: dict[str, Any] = {
-        "entropy": _summary(sub(st.entropy)),
-        "kl_to_final": _summary(sub(st.kl_to_final)),
-        "top1_agree": [_r(v) for v in sub(st.top1_agree).mean(1).tolist()],
-        "final_top1_rank": {"mean": [_r(v) for v in rank.mean(1).tolist()],
-                            "median": [_r(v) for v in rank.median(1).values.tolist()]},
-    }
-    if st.entropy_raw is not None:
-        out["entropy_raw"] = _summary(sub(st.entropy_raw))
-    if st.xent is not None:
-        out["xent"] = _summary(sub(st.xent))
-    if st.xent_raw is not None:
-        out["xent_raw"] = _summary(sub(st.xent_raw))
-    del torch
-    return out
-
-
 def _token_text(tokenizer: Any, tid: int) -> str:
     try:
         return tokenizer.decode([tid])
@@ -124,8 +76,9 @@ def run_sweep(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[li
     first-token lens, and the prompts' KV cache), then all exits decoded together from that cache."""
     import torch
 
+    from .compat import crop_cache, new_cache
     from .decoding import Prefill, generate_exits
-    from .lens import capture_hidden, layer_stats, position_ids_from_mask
+    from .lens import concat_stats, layer_stats, pack_rows
 
     model, tok, adapter = bundle.model, bundle.tokenizer, bundle.adapter
     L = adapter.num_layers
@@ -146,36 +99,12 @@ def run_sweep(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[li
         rows = range(b0, min(n_rows, b0 + step))
         say(f"lens forward: rows {rows.start + 1}–{rows.stop} of {n_rows} ({L + 1} layers) …")
         t1 = time.perf_counter()
-        S = max(len(prompt_ids[i]) for i in rows)
-        R = max(max(len(ref_ids[i]) for i in rows), 1)
-        seq = torch.full((len(rows), S + R), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), S + R), dtype=torch.long)
-        targets = torch.full((len(rows), R), -100, dtype=torch.long)
-        valid = torch.zeros((len(rows), R), dtype=torch.bool)
-        for j, i in enumerate(rows):
-            p, r = prompt_ids[i], ref_ids[i]
-            seq[j, S - len(p) : S] = torch.tensor(p)
-            mask[j, S - len(p) : S] = 1
-            if r:
-                seq[j, S : S + len(r)] = torch.tensor(r)
-                mask[j, S : S + len(r)] = 1
-                targets[j, : len(r)] = torch.tensor(r)
-            valid[j, : max(1, len(r))] = True
-        seq, mask = seq.to(dev), mask.to(dev)
-        from transformers import DynamicCache
-
-        from .decoding import _accepts
-        from .lens import cache_kwarg
-
-        cache = DynamicCache(config=model.config)
-        kwargs: dict[str, Any] = {cache_kwarg(adapter.decoder): cache}
-        if _accepts(adapter.decoder, "position_ids"):
-            kwargs["position_ids"] = position_ids_from_mask(mask)
-        window = slice(S - 1, S - 1 + R)
-        with torch.inference_mode(), capture_hidden(adapter, select=window) as store:
-            out = adapter.decoder(input_ids=seq, attention_mask=mask, use_cache=True, **kwargs)
-        store[L] = out.last_hidden_state[:, window]
-        del out
+        packed = pack_rows([prompt_ids[i] for i in rows], [ref_ids[i] for i in rows], pad)
+        S, valid, targets = packed.prompt_len, packed.valid, packed.targets
+        R = targets.shape[1]
+        seq, mask = packed.ids.to(dev), packed.mask.to(dev)
+        cache = new_cache(model.config)
+        store = adapter.forward(seq, mask, cache=cache, select=packed.window)
         flat = {k: v[valid.to(v.device)] for k, v in store.items()}
         # Teacher-forced statistics at every reference position; the costlier extras (top-k
         # lists, the raw no-norm lens) only at each row's first response position.
@@ -195,7 +124,7 @@ def run_sweep(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[li
 
         say(f"early-exit decoding: {len(exits)} exits × {len(rows)} rows, up to {dec.max_new_tokens} tokens …")
         t2 = time.perf_counter()
-        cache.crop(-R)  # keep the prompts' part: the prefill for decoding
+        crop_cache(cache, R)  # keep the prompts' part: the prefill for decoding
         pre = Prefill(cache=cache, mask=mask[:, :S], last_hidden={k: store[k][:, 0] for k in exits})
         del store, flat
         g = generate_exits(bundle, seq[:, :S], mask[:, :S], exits, dec, prefilled=pre)
@@ -204,7 +133,7 @@ def run_sweep(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[li
             gen_entropy[e].extend(g.entropies[e])
         gen_s += time.perf_counter() - t2
 
-    return Sweep(stats=_concat_stats(all_stats), first_stats=_concat_stats(first_stats), grid_stats=grid_stats,
+    return Sweep(stats=concat_stats(all_stats), first_stats=concat_stats(first_stats), grid_stats=grid_stats,
                  grid_inputs=grid_inputs, tokens=gen_tokens, entropies=gen_entropy, lens_s=lens_s, gen_s=gen_s)
 
 
@@ -217,6 +146,7 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
 
     from .data import default_prompts_path, format_prompt, load_examples
     from .decoding import default_exits, validate_exits
+    from .lens import lens_section, rounded
     from .metrics import Scorer
 
     say = log or (lambda _msg: None)
@@ -267,16 +197,16 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
 
     # Merge the batches' statistics.
     st_all, st_first = sw.stats, sw.first_stats
-    first = _lens_section(st_first, slice(None))
+    first = lens_section(st_first, slice(None))
     first["rows"] = len(examples)
-    teacher = _lens_section(st_all, slice(None))
+    teacher = lens_section(st_all, slice(None))
     teacher["positions"] = int(st_all.entropy.shape[1])
 
     lens: dict[str, Any] = {"first_token": first, "teacher_forced": teacher}
     if st_first.topk_ids is not None:
         lens["examples"] = [
             {"row": examples[i].index, "top": {
-                str(k): [{"token": _token_text(tok, int(tid)), "id": int(tid), "prob": _r(p)}
+                str(k): [{"token": _token_text(tok, int(tid)), "id": int(tid), "prob": rounded(p)}
                          for tid, p in zip(st_first.topk_ids[k, i].tolist(), st_first.topk_probs[k, i].tolist())]
                 for k in exits}}
             for i in range(min(config.examples, len(examples)))
@@ -288,7 +218,7 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
             "positions": [_token_text(tok, t) for t in grid_inputs],
             "layers": list(range(L + 1)),
             "top_token": [[_token_text(tok, int(grid_stats.topk_ids[k, p, 0])) for p in range(n_grid)] for k in range(L + 1)],
-            "top_prob": [[_r(grid_stats.topk_probs[k, p, 0], 4) for p in range(n_grid)] for k in range(L + 1)],
+            "top_prob": [[rounded(grid_stats.topk_probs[k, p, 0], 4) for p in range(n_grid)] for k in range(L + 1)],
         }
 
     if config.drift_against:
@@ -299,7 +229,7 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
         t4 = time.perf_counter()
         ref_bundle = load_model(config.drift_against, dtype=config.dtype, device=config.device,
                                 trust_remote_code=config.trust_remote_code, token=config.token, cache_dir=config.cache_dir)
-        drift = layer_drift(ref_bundle, bundle, prompt_ids, ref_ids)
+        drift = layer_drift(ref_bundle, bundle, prompt_ids, ref_ids, batch_size=config.batch_size)
         drift["against"] = config.drift_against
         drift["label"] = f"KL({config.drift_against} ‖ this model) per layer"
         lens["drift"] = drift
@@ -320,16 +250,16 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
         lens_n = [len([t for t in ids if t not in eos]) for ids in gen_tokens[e]]
         exit_rows.append({
             "layer": e,
-            "bleu": _r(s["bleu"], 4),
-            "rougeL": _r(s["rougeL"]),
-            "rougeLsum": _r(s["rougeLsum"]),
+            "bleu": rounded(s["bleu"], 4),
+            "rougeL": rounded(s["rougeL"]),
+            "rougeLsum": rounded(s["rougeLsum"]),
             "bertscore_p": _opt(s.get("bertscore_p")),
             "bertscore_r": _opt(s.get("bertscore_r")),
             "bertscore_f1": _opt(s.get("bertscore_f1")),
-            "mean_len": _r(sum(lens_n) / len(lens_n), 4),
+            "mean_len": rounded(sum(lens_n) / len(lens_n), 4),
             "empty": int(s["empty"]),
             "first_entropy": first["entropy"]["mean"][e],
-            "gen_entropy": _r(_mean_nested(sw.entropies[e])),
+            "gen_entropy": rounded(_mean_nested(sw.entropies[e])),
         })
     timing["metrics_s"] = round(time.perf_counter() - t3, 3)
 
@@ -340,7 +270,7 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
             "prompt": prompts[i],
             "generations": {str(e): texts[e][i] for e in exits},
             "n_tokens": {str(e): len([t for t in gen_tokens[e][i] if t not in eos]) for e in exits},
-            "scores": {str(e): {"bleu": _r(scores[e]["rows"][i]["bleu"], 4), "rougeL": _r(scores[e]["rows"][i]["rougeL"]),
+            "scores": {str(e): {"bleu": rounded(scores[e]["rows"][i]["bleu"], 4), "rougeL": rounded(scores[e]["rows"][i]["rougeL"]),
                                 "bertscore_f1": _opt(scores[e]["rows"][i].get("bertscore_f1"))} for e in exits},
         })
 
@@ -375,7 +305,9 @@ def _mean_nested(rows: list[list[float]]) -> float:
 
 
 def _opt(x: Any) -> float | None:
-    return None if x is None else _r(x)
+    from .lens import rounded
+
+    return None if x is None else rounded(x)
 
 
 def _eos(bundle: ModelBundle) -> set[int]:
@@ -403,16 +335,3 @@ def _context_length(model: Any) -> int | None:
             return v
     return None
 
-
-def _concat_stats(parts: list[Any]) -> Any:
-    import torch
-
-    from .lens import LayerStats
-
-    if len(parts) == 1:
-        return parts[0]
-    fields = {}
-    for name in ("entropy", "kl_to_final", "top1_agree", "final_top1_rank", "xent", "entropy_raw", "xent_raw", "topk_ids", "topk_probs"):
-        vals = [getattr(p, name) for p in parts]
-        fields[name] = None if vals[0] is None else torch.cat(vals, dim=1)
-    return LayerStats(**fields)

@@ -28,7 +28,6 @@ import torch
 
 from .archs import Adapter
 from .errors import ConfigError
-from .lens import capture_hidden
 from .tuned import TunedLens, check_output_folder, model_identity
 
 OPTIMIZERS = ("sgd", "adam")
@@ -148,16 +147,14 @@ def hidden_states_at(
         for j, i in enumerate(rows):
             ids[j, : len(sequences[i])] = torch.tensor(list(sequences[i]), dtype=torch.long)
             mask[j, : len(sequences[i])] = 1
-        with torch.inference_mode(), capture_hidden(adapter) as store:
-            res = adapter.decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
-        store[L] = res.last_hidden_state
+        store = adapter.forward(ids.to(dev), mask.to(dev))
         if out is None:
             out = torch.empty(L + 1, n, store[L].shape[-1], dtype=torch.float32)
         for j, i in enumerate(rows):
             pos = torch.tensor(positions[i], dtype=torch.long)
             for k in range(L + 1):
                 out[k, offsets[i] : offsets[i + 1]] = store[k][j, pos.to(store[k].device)].float().cpu()
-        del store, res
+        del store
     if out is None:
         raise ConfigError("no positions to capture hidden states at", "pass non-empty token sequences")
     return out

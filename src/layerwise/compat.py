@@ -1,0 +1,138 @@
+"""Every transformers internal that layerwise relies on, in one place.
+
+The engine drives the decoder below ``generate``: it fills and reshapes the KV cache itself, calls
+the base model with that cache, and wraps the blocks. The parts of transformers this touches have
+changed between releases, and this module is where each difference is absorbed — the next change
+of transformers is one place to fix. Supported: transformers 4.56 (the first release whose cache
+keeps per-layer ``keys`` / ``values``) up to the newest 5.x that CI runs; see README
+("Supported versions").
+
+What differs, and where it is handled here:
+
+- the cache argument of ``forward``: ``past_key_values`` up to 5.1x, ``cache`` later
+  (:func:`cache_kwarg`);
+- ``DynamicCache(config=...)`` builds one layer per block, sliding-window layers where the config
+  says so (both lines); its layers keep ``keys`` / ``values`` tensors of shape
+  ``(batch, heads, tokens, head_dim)``, and some layers more per-row state, which their
+  ``reorder_cache`` selects along (:func:`cache_layers`, :func:`select_cache_rows`);
+- ``Cache.crop(n)``: 4.x reads a positive ``n`` as the length to keep, 5.x refuses it — both
+  remove ``|n|`` tokens for a negative ``n``, and 4.x keeps nothing for ``crop(0)``
+  (:func:`crop_cache`);
+- a decoder block returns its hidden states as a tensor in 5.x, but as a tuple
+  ``(hidden_states, ...)`` in 4.x for GPT-2, GPT-NeoX, OPT and Gemma-2 (:func:`block_hidden`,
+  :func:`block_output`);
+- which of a block's arguments are per row (sliced with the batch) and which are shared
+  (``cache_position``) (:func:`slice_block_call`);
+- whether a model's ``forward`` takes ``position_ids`` (:func:`accepts`), and the positions of a
+  left-padded batch the way ``generate`` makes them (:func:`position_ids_from_mask`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+
+def accepts(module: Any, name: str) -> bool:
+    """Whether ``module.forward`` takes an argument ``name`` (True when it cannot be told)."""
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return True
+
+
+def cache_kwarg(module: Any) -> str:
+    """Name of the KV-cache argument of ``module.forward``: ``cache`` (transformers ≥ 5.2x) or
+    ``past_key_values`` (before)."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def new_cache(config: Any) -> Any:
+    """An empty ``DynamicCache`` with one layer per block of the model described by ``config``."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=config)
+
+
+def cache_layers(cache: Any) -> list[Any]:
+    """The per-block layers of a cache, each holding ``keys`` / ``values`` tensors."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise RuntimeError("this transformers version's cache has no per-layer storage (cache.layers); "
+                           "layerwise needs transformers >= 4.56")
+    return layers
+
+
+def select_cache_rows(layer: Any, index: torch.Tensor) -> None:
+    """Keep (or repeat) the rows ``index`` of one cache layer: keys and values, and whatever else
+    the layer holds per row (indexer keys, convolution and recurrent states) — the layer's own
+    ``reorder_cache`` (4.56 on) knows its state; a layer without one has its keys and values
+    index-selected."""
+    reorder = getattr(layer, "reorder_cache", None)
+    if reorder is not None:
+        reorder(index)
+        return
+    for name in ("keys", "values"):
+        t = getattr(layer, name, None)
+        if isinstance(t, torch.Tensor) and t.numel():
+            setattr(layer, name, t.index_select(0, index.to(t.device)))
+
+
+def crop_cache(cache: Any, tokens: int) -> None:
+    """Drop the last ``tokens`` positions from every layer of ``cache``."""
+    if tokens > 0:
+        cache.crop(-tokens)
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions for a left-padded batch, the way ``generate`` makes them."""
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 0)
+
+
+def forward_kwargs(module: Any, mask: torch.Tensor, cache: Any = None) -> dict[str, Any]:
+    """The keyword arguments layerwise adds to a ``forward`` over a left-padded batch: the cache
+    under the name this transformers uses (when given) and the positions (when taken)."""
+    kwargs: dict[str, Any] = {}
+    if cache is not None:
+        kwargs[cache_kwarg(module)] = cache
+    if accepts(module, "position_ids"):
+        kwargs["position_ids"] = position_ids_from_mask(mask)
+    return kwargs
+
+
+def block_hidden(out: Any) -> torch.Tensor:
+    """The hidden states in a block's output (a tensor, or the first item of a tuple)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def block_output(hidden: torch.Tensor, like: Any) -> Any:
+    """``hidden`` returned the way a block returns its output, ``like`` being one such output (or
+    :func:`output_form` of one): a tensor, or a tuple whose other items are kept."""
+    return (hidden, *like[1:]) if isinstance(like, tuple) else hidden
+
+
+def output_form(out: Any) -> tuple | None:
+    """What :func:`block_output` needs to know of a block's output, without keeping its tensors:
+    ``None`` for a tensor, a tuple of as many ``None`` for a tuple."""
+    return (None,) * len(out) if isinstance(out, tuple) else None
+
+
+def _slice_rows(x: Any, batch: int, n: int) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x[:n] if x.dim() >= 2 and x.shape[0] == batch else x
+    if isinstance(x, tuple) and x and all(isinstance(t, torch.Tensor) for t in x):
+        return tuple(_slice_rows(t, batch, n) for t in x)
+    return x
+
+
+def slice_block_call(args: tuple, kwargs: dict[str, Any], batch: int, n: int) -> tuple[list[Any], dict[str, Any]]:
+    """A block's arguments for its first ``n`` rows of ``batch``: every per-row tensor (attention
+    mask, position ids, rotary ``position_embeddings``) is cut; ``cache_position`` (one per
+    position, shared by the rows) and non-tensors (the cache, flags) are passed as they are."""
+    sub_args = [_slice_rows(a, batch, n) for a in args]
+    sub_kwargs = {k: (v if k == "cache_position" else _slice_rows(v, batch, n)) for k, v in kwargs.items()}
+    return sub_args, sub_kwargs
