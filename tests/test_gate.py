@@ -318,3 +318,122 @@ def test_tiny_bfloat16(tiny_setup):
     devs = gate("tiny: bfloat16 against float32", baseline, res)
     print(f"  largest change of any tracked number: {max_spread(first, res):.4g}")
     assert devs, "the gate passed bfloat16 weights against a float32 baseline"
+
+
+# -- where the model changed: the first divergent layer (issue #13) -----------------------------------
+
+
+@contextlib.contextmanager
+def mlp_noise(bundle: Any, block: int, frac: float = 0.2, seed: int = 0) -> Iterator[None]:
+    """Noise in one block's MLP only."""
+    mlp = bundle.adapter.blocks[block - 1].mlp
+    saved = {n: p.detach().clone() for n, p in mlp.named_parameters()}
+    g = torch.Generator().manual_seed(seed)
+    try:
+        with torch.no_grad():
+            for n, p in mlp.named_parameters():
+                p.add_(torch.randn(p.shape, generator=g) * float(saved[n].std()) * frac)
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in mlp.named_parameters():
+                p.copy_(saved[n])
+
+
+@contextlib.contextmanager
+def attention_output_zeroed(bundle: Any, block: int) -> Iterator[None]:
+    o = bundle.adapter.blocks[block - 1].self_attn.o_proj.weight
+    saved = o.detach().clone()
+    try:
+        with torch.no_grad():
+            o.zero_()
+        yield
+    finally:
+        with torch.no_grad():
+            o.copy_(saved)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ("mlp noise in block 1", 1), ("mlp noise in block 3", 3), ("attention output of block 2 zeroed", 2),
+    ("attention output of block 4 zeroed", 4), ("blocks 2 and 3 swapped", 2), ("final norm × 1.05", 0),
+])
+def test_the_first_divergent_layer_is_the_changed_block(tiny_setup, change, expected):
+    """When only block k changes, layers 0..k-1 are the same computation: the gate locates the
+    change at layer k (the output of block k); a changed final norm moves every layer's lens (0)."""
+    from layerwise.baseline import judge
+
+    bundle, cfg, _, baseline = tiny_setup
+    ctx = {"mlp noise in block 1": lambda: mlp_noise(bundle, 1), "mlp noise in block 3": lambda: mlp_noise(bundle, 3),
+           "attention output of block 2 zeroed": lambda: attention_output_zeroed(bundle, 2),
+           "attention output of block 4 zeroed": lambda: attention_output_zeroed(bundle, 4),
+           "blocks 2 and 3 swapped": lambda: swapped_blocks(bundle, 2, 3),
+           "final norm × 1.05": lambda: scaled_final_norm(bundle, 1.05)}[change]
+    with ctx():
+        res = evaluate(cfg(), bundle=bundle)
+    v = judge(baseline, res, name="tiny.json")
+    print(f"\n[{change}] {v.line()}\n  {v.divergence}")
+    assert v.first_divergent == expected, v.divergence
+    assert judge(baseline, evaluate(cfg(), bundle=bundle), name="tiny.json").first_divergent is None  # restored
+
+
+@pytest.mark.slow
+def test_the_failure_message_names_the_perturbed_block_first(default_bundle, reference):
+    """Must-show of issue #13: noise in one block of the default model; the failure message's first
+    line names that block's layer, then the summary lines, then at most 20 details."""
+    from layerwise.baseline import judge
+
+    _, baseline = reference
+    with block_noise(default_bundle, block=15, frac=0.1):
+        res = evaluate(gate_config(), bundle=default_bundle)
+    v = judge(baseline, res, name="baselines/smollm2-135m.json")
+    msg = v.message("reports/results.json")
+    print("\n" + msg)
+    first = msg.splitlines()[0]
+    assert v.status == "failed" and v.first_divergent == 15
+    assert "departs from the baseline at layer 15 (the output of block 15)" in first
+    lines = msg.splitlines()
+    assert 3 <= len([ln for ln in lines if not ln.startswith("  ")]) <= 5  # the summary before the detail
+    assert len([ln for ln in lines if ln.startswith("  ")]) <= 21
+    assert any(ln.startswith("rows whose generation changed: exit 8: 0/8, exit 15:") for ln in lines)
+
+
+# -- across depth: relative exits (issue #13) ------------------------------------------------------
+
+
+def test_a_relative_exit_baseline_gates_a_model_of_another_depth(tiny_setup, tmp_path):
+    """A baseline made with --exit-layers 25%,50%,75%,100% on an 8-block model gates a copy cut to
+    7 blocks: compared, not refused — exits matched by relative position, curves on normalised depth."""
+    import transformers
+    from tiny_models import TinyTokenizer, truncated_copy
+
+    from layerwise.baseline import identity_mismatch, judge
+
+    _, cfg, _, _ = tiny_setup
+    torch.manual_seed(0)
+    c = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=8,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.3)
+    deep = transformers.AutoModelForCausalLM.from_config(c).eval()
+    shallow = truncated_copy(deep, 7)
+    rel = dict(exit_layers=["25%", "50%", "75%", "100%"])
+    base_res = evaluate(dataclasses_replace(cfg(), **rel), bundle=bundle_from_model(deep, TinyTokenizer(), name="deep"))
+    assert base_res["run"]["exit_layers"] == [2, 4, 6, 8] and base_res["run"]["exit_spec"] == ["25%", "50%", "75%", "100%"]
+    baseline = as_saved(make_baseline(base_res))
+    res = evaluate(dataclasses_replace(cfg(), **rel), bundle=bundle_from_model(shallow, TinyTokenizer(), name="shallow"))
+    assert res["run"]["exit_layers"] == [2, 4, 6, 7]
+    assert identity_mismatch(baseline, res) is None
+    v = judge(baseline, res, name="deep.json")
+    print("\n" + v.message())
+    assert v.matched_exits == [["25%", 2], ["50%", 4], ["75%", 6], ["100%", 7]]
+    assert "relative exits, baseline 8 blocks, this model 7" in v.line()
+    assert any("depth" in (d.where or "") for d in v.deviations)  # curves compared on normalised depth
+    # an absolute-exit baseline is refused for another depth, and says why
+    absolute = as_saved(make_baseline(evaluate(cfg(), bundle=bundle_from_model(deep, TinyTokenizer(), name="deep"))))
+    res_abs = evaluate(dataclasses_replace(cfg(), exit_layers=[1, 2, 3, 4]), bundle=bundle_from_model(shallow, TinyTokenizer()))
+    assert "num_layers: baseline 8 vs run 7" in identity_mismatch(absolute, res_abs)
+
+
+def dataclasses_replace(cfg: Any, **kw: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Required, TypedDict
@@ -27,7 +28,7 @@ from typing import Any, Literal, Required, TypedDict
 from .config import DEFAULT_TOLERANCES
 from .errors import BaselineError
 from .io import atomic_write_json, read_json
-from .paired import Interval, bootstrap_mean
+from .paired import Interval, bootstrap_mean, detectable_effect
 from .schema import check
 
 BASELINE_SCHEMA = "pytest-layerwise/baseline"
@@ -45,6 +46,9 @@ LENS_RATES = (("teacher_forced", "top1_agree"), ("first_token", "top1_agree"))
 #: A per-layer number that moved less than this is the same (float rounding; a batch change moves
 #: numbers ≤ 7e-6 on CPU): below it a layer has not departed from the baseline.
 DIVERGENCE_EPS = 2e-5
+#: Statistics of a layer's own distribution (not relative to the final layer): a change in block k
+#: moves them at layers ≥ k only, so they locate it.
+OWN_STATISTICS = ("entropy", "xent")
 #: With a calibrated baseline, a number passes within max(tolerance, SPREAD_K × observed spread).
 SPREAD_K = 3.0
 #: The failure message shows at most this many deviations, then "and N more".
@@ -343,13 +347,18 @@ def exit_pairs(baseline: dict[str, Any], results: dict[str, Any]) -> list[tuple[
     return [(str(be["layer"]), be, by_layer.get(be["layer"])) for be in baseline["exits"]]
 
 
-def _paired(baseline: dict[str, Any], results: dict[str, Any], name: str, metric: str) -> Interval | None:
+def _deltas(baseline: dict[str, Any], results: dict[str, Any], name: str, metric: str) -> list[float]:
+    """Per-row differences (this run − baseline) of one exit's metric, rows matched by index."""
     brows, rows = baseline.get("rows"), row_records(results)
     if not brows or rows is None or name not in brows["exits"] or name not in rows["exits"]:
-        return None
+        return []
     mine = dict(zip(rows["index"], rows["exits"][name].get(metric) or []))
-    deltas = [mine[i] - b for i, b in zip(brows["index"], brows["exits"][name].get(metric) or [])
-              if _is_num(b) and _is_num(mine.get(i))]
+    return [mine[i] - b for i, b in zip(brows["index"], brows["exits"][name].get(metric) or [])
+            if _is_num(b) and _is_num(mine.get(i))]
+
+
+def _paired(baseline: dict[str, Any], results: dict[str, Any], name: str, metric: str) -> Interval | None:
+    deltas = _deltas(baseline, results, name, metric)
     return bootstrap_mean(deltas) if deltas else None
 
 
@@ -425,6 +434,8 @@ def first_divergent_layer(baseline: dict[str, Any], results: dict[str, Any]) -> 
     L = results["run"]["model"]["num_layers"]
     moved: dict[int, list[str]] = {}
     for name, bvals in baseline["lens"].items():
+        if name.split(".", 1)[1] not in OWN_STATISTICS:
+            continue  # KL and agreement are measured against the final layer: they move at every layer
         vals = current.get(name) or []
         for k, b in enumerate(bvals[: L + 1]):
             v = vals[k] if k < len(vals) else None
@@ -445,7 +456,8 @@ def first_divergent_layer(baseline: dict[str, Any], results: dict[str, Any]) -> 
     k = min(moved)
     what = "the embeddings (or the final norm, which every layer's lens goes through)" if k == 0 else \
         f"the output of block {k}"
-    return k, f"layer {k} is {what}: " + ", ".join(moved[k][:4]) + ("" if k == 0 else f"; layers 0–{k - 1} match")
+    below = "" if k == 0 else ("; layer 0 matches" if k == 1 else f"; layers 0–{k - 1} match")
+    return k, f"layer {k} is {what}: " + ", ".join(moved[k][:4]) + below
 
 
 def rows_changed(baseline: dict[str, Any], results: dict[str, Any]) -> dict[str, list[int]]:
@@ -575,10 +587,14 @@ def judge(baseline: dict[str, Any] | None, results: dict[str, Any], *, name: str
     quality = []
     for ex_name, _be, e in pairs:
         for m in EXIT_METRICS:
-            ci = _paired(baseline, results, ex_name, m)
-            if ci is not None:
-                quality.append({"exit": ex_name, "metric": m, "mean": ci.mean, "low": ci.low, "high": ci.high, "n": ci.n,
-                                "significant": ci.excludes_zero})
+            deltas = _deltas(baseline, results, ex_name, m)
+            if not deltas:
+                continue
+            ci = bootstrap_mean(deltas)
+            sd = statistics.pstdev(deltas) if len(deltas) > 1 else 0.0
+            quality.append({"exit": ex_name, "metric": m, "mean": round(ci.mean, 6), "low": round(ci.low, 6),
+                            "high": round(ci.high, 6), "n": ci.n, "significant": ci.excludes_zero,
+                            "detectable": round(detectable_effect(sd, ci.n), 6)})
     Lb, Lc = bm.get("num_layers"), results["run"]["model"]["num_layers"]
     first, evidence = first_divergent_layer(baseline, results)
     return Verdict(

@@ -141,8 +141,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out = settings.output
     checked = preflight(settings, outputs={"--results-json": out.results, "--report": out.report})
     t0 = time.perf_counter()
-    results = evaluate(settings.run, examples=checked.examples,
-                       log=lambda m: print(f"layerwise: {m}", file=sys.stderr, flush=True))
+    from .progress import Progress
+
+    results = evaluate(settings.run, examples=checked.examples, progress=Progress("auto", stream=sys.stderr))
     stamp_run_id(results)
     files = [(out.results, dumps_json(results).encode())]
     if out.report is not None:

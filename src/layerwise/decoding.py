@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -157,13 +157,14 @@ def generate_exits(
     prefilled: Prefill | None = None,
     compact_fraction: float = 0.25,
     verify_family: bool = True,
+    on_step: Callable[[], None] | None = None,
 ) -> ExitGenerations:
     """Generate for every prompt (left-padded ``input_ids``) at every exit layer in one decode.
 
     Returns the generated ids per exit and prompt (stopping at EOS, which is included, or at
     ``max_new_tokens``), and the first-token logits of every exit. A family whose early exit is
     not exact (:mod:`layerwise.families`) is refused before any compute; ``verify_family=False``
-    skips that (the test that measures it).
+    skips that (the test that measures it). ``on_step`` is called after each decode step (progress).
     """
     dec = decoding or Decoding()
     dec.validate()
@@ -245,6 +246,8 @@ def generate_exits(
                 **kwargs,
             )
             steps += 1
+            if on_step is not None:
+                on_step()
             step_logits = out.logits[:, -1].float()
             next_tok = _pick(step_logits, dec, gen).cpu()
             ent = _entropy(step_logits).cpu()

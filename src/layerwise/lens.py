@@ -322,3 +322,54 @@ def concat_stats(parts: list[LayerStats]) -> LayerStats:
         vals = [getattr(p, name) for p in parts]
         fields[name] = None if vals[0] is None else torch.cat(vals, dim=1)
     return LayerStats(**fields)
+
+
+def per_row_records(st_all: LayerStats, st_first: LayerStats, counts: list[int]) -> dict[str, Any]:
+    """Row-level lens records, the gate's evidence of where a model changed: per layer, each row's
+    first-token top-1 id, and each row's teacher-forced top-1 agreement with the final layer (the
+    mean over that row's positions; ``counts`` gives each row's number of positions, in order)."""
+    out: dict[str, Any] = {}
+    if st_first.topk_ids is not None and st_first.topk_ids.shape[-1]:
+        out["first_top1"] = st_first.topk_ids[:, :, 0].tolist()
+    agree = st_all.top1_agree
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + c)
+    out["tf_agree"] = [[rounded(layer[a:b].mean(), 4) if b > a else None for a, b in zip(bounds, bounds[1:])]
+                       for layer in agree]
+    return out
+
+
+def lens_results(st_all: LayerStats, st_first: LayerStats, counts: list[int], *, rows: int, exits: list[int],
+                 example_rows: list[int], token_text: Any, grid: Any = None) -> dict[str, Any]:
+    """The results' ``lens`` section from a sweep's statistics (declared in results.Lens).
+
+    ``example_rows``: the row indices (in the prompts file) of the first rows, whose top-k lists
+    at the exits are kept; ``grid``: (LayerStats with top-1, row index, input token ids) or None.
+    """
+    L = st_all.entropy.shape[0] - 1
+    first = lens_section(st_first, slice(None))
+    first["rows"] = rows
+    teacher = lens_section(st_all, slice(None))
+    teacher["positions"] = int(st_all.entropy.shape[1])
+    out: dict[str, Any] = {"first_token": first, "teacher_forced": teacher,
+                           "per_row": per_row_records(st_all, st_first, counts)}
+    if st_first.topk_ids is not None:
+        out["examples"] = [
+            {"row": row, "top": {
+                str(k): [{"token": token_text(int(tid)), "id": int(tid), "prob": rounded(p)}
+                         for tid, p in zip(st_first.topk_ids[k, i].tolist(), st_first.topk_probs[k, i].tolist())]
+                for k in exits}}
+            for i, row in enumerate(example_rows)
+        ]
+    if grid is not None:
+        gs, row, inputs = grid
+        n = len(inputs)
+        out["grid"] = {
+            "row": row,
+            "positions": [token_text(t) for t in inputs],
+            "layers": list(range(L + 1)),
+            "top_token": [[token_text(int(gs.topk_ids[k, p, 0])) for p in range(n)] for k in range(L + 1)],
+            "top_prob": [[rounded(gs.topk_probs[k, p, 0], 4) for p in range(n)] for k in range(L + 1)],
+        }
+    return out

@@ -22,6 +22,7 @@ class Phase:
         self.bar = bar
         self.done = 0
         self.detail = ""
+        self.seconds: float | None = None  # set when phases interleave: the time spent in this one
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -67,7 +68,7 @@ class Progress:
         try:
             yield ph
         finally:
-            took = time.perf_counter() - t0
+            took = time.perf_counter() - t0 if ph.seconds is None else ph.seconds
             self.times[name] = self.times.get(name, 0.0) + took
             if bar is not None:
                 bar.close()

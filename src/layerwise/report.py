@@ -252,8 +252,12 @@ def _gate(results: dict) -> dict[str, Any] | None:
     g = results.get("gate")
     if not isinstance(g, dict) or not g.get("line"):
         return None
-    return {"line": str(g["line"]), "status": str(g.get("status") or ""),
-            "warnings": [str(w) for w in g.get("warnings") or []], "obtained": g.get("obtained")}
+    quality = [{"exit": q["exit"], "metric": q["metric"], "mean": f"{q['mean']:+.4f}",
+                "ci": f"[{q['low']:+.4f}, {q['high']:+.4f}]", "n": q["n"],
+                "verdict": "changed" if q["significant"] else "within noise",
+                "detectable": f"{q['detectable']:.4f}"} for q in g.get("quality") or []]
+    return {"line": str(g["line"]), "status": str(g.get("status") or ""), "summary": list(g.get("summary") or []),
+            "warnings": [str(w) for w in g.get("warnings") or []], "obtained": g.get("obtained"), "quality": quality}
 
 
 def _drift_context(results: dict) -> dict[str, Any] | None:

@@ -214,6 +214,7 @@ class GateQuality(TypedDict):
     high: float
     n: int
     significant: bool  # the 95 % bootstrap interval excludes zero
+    detectable: float  # the mean change these rows detect 80 % of the time at the 5 % level
 
 
 class GateVerdict(TypedDict, total=False):
@@ -309,3 +310,18 @@ def doc_fields() -> str:
     from .schema import describe
 
     return "\n".join([DOC_BEGIN, "", *describe(Results), "", DOC_END])
+
+
+def token_print(ids: list[int]) -> dict[str, Any]:
+    """A row's generated tokens as a fingerprint: SHA-256 (16 hex digits) of the ids, and the first 16."""
+    import hashlib
+
+    return {"sha": hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16], "head": list(ids[:16])}
+
+
+def assemble(*, run: dict[str, Any], lens: dict[str, Any], exits: list[dict[str, Any]], rows: list[dict[str, Any]],
+             timing: dict[str, Any]) -> Results:
+    """The results dict from its parts, in the declared shape (validated by the caller's reader)."""
+    L = run["model"]["num_layers"]
+    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "run": run, "layers": list(range(L + 1)),  # type: ignore[typeddict-item]
+            "lens": lens, "exits": exits, "rows": rows, "tests": [], "timing": timing}
