@@ -437,3 +437,29 @@ def dataclasses_replace(cfg: Any, **kw: Any) -> Any:
     import dataclasses
 
     return dataclasses.replace(cfg, **kw)
+
+
+# -- drift: both models in one run locate the change exactly (issue #13) ---------------------------
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_drift_locates_a_changed_block_exactly_and_gates(tiny_setup, block):
+    """With the reference in the same run, KL(reference ‖ candidate) is exactly 0 below the changed
+    block: the first divergent layer is the block's; --max-drift-kl turns it into a gate."""
+    from layerwise.checks import drift_limit
+    from layerwise.drift import layer_drift
+
+    bundle, cfg, _, _ = tiny_setup
+    ref = bundle_from_model(copy.deepcopy(bundle.model), bundle.tokenizer, name="reference")
+    prompt_ids = [bundle.tokenizer.encode(r["instruction"]) for r in TINY_ROWS]
+    ref_ids = [bundle.tokenizer.encode(r["output"], add_special_tokens=False) for r in TINY_ROWS]
+    with mlp_noise(bundle, block):
+        drift = layer_drift(ref, bundle, prompt_ids, ref_ids)
+    assert drift["first_divergent"] == block
+    assert all(v == 0.0 for v in drift["kl_mean"][:block]) and drift["kl_mean"][block] > 0
+    res = {"lens": {"drift": dict(drift, against="reference")}}
+    assert drift_limit(res, None).ok  # recorded, not gated
+    failed = drift_limit(res, 1e-6)
+    assert not failed.ok and failed.message.startswith(f"departs from reference first at layer {block} (the output of block {block})")
+    assert drift_limit(res, 1e6).ok
+    assert layer_drift(ref, bundle, prompt_ids, ref_ids)["first_divergent"] is None  # restored: identical

@@ -227,6 +227,7 @@ def _ini_values(tmp: Path) -> tuple[dict[str, str], dict[str, object]]:
     """A valid, non-default value for every option (as ini text) and what it converts to."""
     (tmp / "p.jsonl").write_text('{"instruction": "Say hi.", "input": "", "output": "Hi."}\n')
     (tmp / "b.json").write_text(json.dumps(MINIMAL_BASELINE))
+    shutil.copy(ROOT / "tests" / "data" / "results_tiny.json", tmp / "r_in.json")
     table = {
         "model": ("some-org/some-model", "some-org/some-model"),
         "dtype": ("bfloat16", "bfloat16"),
@@ -273,6 +274,12 @@ def _ini_values(tmp: Path) -> tuple[dict[str, str], dict[str, object]]:
         "min-bleu-gain": ("0.5", 0.5),
         "check-bertscore": ("on", True),
         "drift-against": ("some-org/reference-model", "some-org/reference-model"),
+        "drift-revision": ("v1.0", "v1.0"),
+        "drift-dtype": ("float32", "float32"),
+        "drift-load-in-4bit": ("true", True),
+        "drift-load-in-8bit": ("false", False),
+        "max-drift-kl": ("0.5", 0.5),
+        "results": ("r_in.json", str(tmp / "r_in.json")),
     }
     names = {o.name for o in OPTIONS}
     # options added after this test was written are left at their defaults here
@@ -337,9 +344,9 @@ BAD_OPTIONS = [
         (["--update-baseline", "--baseline", "afile/b.json"], ["--baseline", "cannot be written"]),
         # the second bad-input round (issue #12): outputs that destroy inputs, gates switched off
         (["--update-baseline", "--baseline", str(SHIPPED)], ["is inside the installed layerwise package"]),
-        (["--report", "same.out", "--results-json", "same.out"], ["--results-json", "and --report", "are the same file"]),
-        (["--report", "dir/../same.out", "--results-json", "same.out"], ["--results-json", "and --report", "are the same file"]),
-        (["--report", "link.json", "--results-json", "good.json"], ["--results-json", "and --report", "are the same file"]),
+        (["--report", "same.out", "--results-json", "same.out"], ["--report", "--results-json", "are the same file"]),
+        (["--report", "dir/../same.out", "--results-json", "same.out"], ["--report", "--results-json", "are the same file"]),
+        (["--report", "link.json", "--results-json", "good.json"], ["--report", "--results-json", "are the same file"]),
         (["--update-baseline", "--baseline", "r.json", "--results-json", "r.json"], ["are the same file"]),
         (["--prompts", "good.jsonl", "--results-json", "good.jsonl"],
          ["--results-json", "is the same file as --prompts", "would destroy --prompts"]),

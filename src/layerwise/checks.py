@@ -141,3 +141,24 @@ def quality_by_exit(results: dict[str, Any], min_rouge_gain: float, min_bleu_gai
 
 def _round(x: float) -> float | None:
     return None if x is None or math.isnan(x) else round(float(x), 6)
+
+
+def drift_limit(results: dict[str, Any], max_kl: float | None) -> Check:
+    """With a reference model (``--drift-against``): every layer's mean KL(reference ‖ this model)
+    stays ≤ ``max_kl``. The message starts with where the model first departs from the reference."""
+    drift = results["lens"].get("drift")
+    if drift is None:
+        return Check([], {})
+    kl = drift["kl_mean"]
+    worst = max(range(len(kl)), key=lambda k: -1.0 if kl[k] is None else kl[k])
+    first = drift.get("first_divergent")
+    values = {"drift_worst_layer": worst, "drift_worst_kl": kl[worst], "drift_first_divergent": first}
+    if max_kl is None:
+        return Check([], values)
+    over = [k for k, v in enumerate(kl) if v is not None and v > max_kl]
+    if not over:
+        return Check([], values)
+    where = "every layer matches the reference" if first is None else (
+        f"departs from {drift.get('against')} first at layer {first}" + ("" if first == 0 else f" (the output of block {first})"))
+    return Check([f"{where}; mean KL(reference ‖ this model) exceeds {max_kl} at layers {', '.join(map(str, over))} "
+                  f"(worst: layer {worst}, {kl[worst]:.4g} nats)"], values)

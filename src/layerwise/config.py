@@ -159,6 +159,9 @@ class RunConfig(LoadConfig):
     batch_size: int = DEFAULT_BATCH_SIZE
     raw_lens: bool = True
     drift_against: str | None = None  # a reference model: per-layer KL(reference ‖ this model)
+    drift_revision: str | None = None  # the reference's own revision (two revisions of one hub repo)
+    drift_dtype: str | None = None  # the reference's dtype (default: --dtype)
+    drift_quantization: Quantization | None = None  # the reference's quantization (default: none)
 
     def validate(self) -> None:
         super().validate()
@@ -173,6 +176,11 @@ class RunConfig(LoadConfig):
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size!r}", "pass a positive number of rows per batch")
         if self.exit_layers is not None:
             check_exit_syntax(self.exit_layers)
+        if self.drift_dtype is not None and self.drift_dtype not in DTYPES:
+            raise ConfigError(f"unknown --drift-dtype {self.drift_dtype!r}", f"use one of {', '.join(DTYPES)}")
+        if self.drift_against is None and (self.drift_revision or self.drift_dtype or self.drift_quantization):
+            raise ConfigError("--drift-revision / --drift-dtype / --drift-load-in-* given without --drift-against",
+                              "pass --drift-against SPEC (the reference model)")
         if self.bertscore_num_layers is not None and self.bertscore_num_layers < 1:
             raise ConfigError(f"--bertscore-num-layers must be at least 1, got {self.bertscore_num_layers}",
                               "pass a layer number of the BERTScore model, or leave it out")
@@ -400,7 +408,17 @@ class Settings:
 
 
 THRESHOLDS = ("entropy-trend-max", "final-entropy-max", "kl-trend-max", "agreement-trend-min", "min-rouge-gain",
-              "min-bleu-gain", "check-bertscore")
+              "min-bleu-gain", "check-bertscore", "max-drift-kl")
+
+
+def _drift_quant(o: dict[str, Any]) -> Quantization | None:
+    if o["drift-load-in-4bit"] and o["drift-load-in-8bit"]:
+        raise ConfigError("--drift-load-in-4bit and --drift-load-in-8bit both given", "choose one")
+    if o["drift-load-in-4bit"]:
+        return Quantization("4bit", o["bnb-4bit-quant-type"], o["bnb-4bit-compute-dtype"], o["bnb-4bit-double-quant"])
+    if o["drift-load-in-8bit"]:
+        return Quantization("8bit")
+    return None
 
 
 def model_slug(model: str, quantization: Quantization | None = None) -> str:
@@ -498,6 +516,8 @@ def from_options(values: dict[str, Any], base: Path, project_root: Path | None =
         bertscore_model=None if bert is None or str(bert).strip().lower() == "none" else os.path.expanduser(str(bert)),
         bertscore_num_layers=o["bertscore-num-layers"],
         teacher_forced_tokens=o["teacher-forced-tokens"], drift_against=_opt_str(o["drift-against"]),
+        drift_revision=_opt_str(o["drift-revision"]), drift_dtype=o["drift-dtype"],
+        drift_quantization=_drift_quant(o),
     )
     run.validate()
 

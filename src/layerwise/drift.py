@@ -60,8 +60,16 @@ def layer_drift(a: Any, b: Any, prompt_ids: list[list[int]], ref_ids: list[list[
         agrees.append(agree)
     kl, agree = torch.cat(kls, dim=1), torch.cat(agrees, dim=1)
     out = summary(kl)
+    worst = kl.max(1).values.tolist()
+    first = next((k for k, w in enumerate(worst) if w > NOISE_FLOOR), None)
     return {"kl_mean": out["mean"], "kl_q25": out["q25"], "kl_q75": out["q75"],
-            "top1_agree": [rounded(v) for v in agree.mean(1).tolist()], "positions": int(kl.shape[1])}
+            "top1_agree": [rounded(v) for v in agree.mean(1).tolist()], "positions": int(kl.shape[1]),
+            "first_divergent": first}
+
+
+#: Both models see the same inputs in the same batches: layers below a change are the same
+#: computation and give KL exactly 0; any position above this is a departure.
+NOISE_FLOOR = 1e-6
 
 
 def _hidden(bundle: Any, packed: Any) -> dict[int, Any]:

@@ -97,7 +97,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("bertscore-num-layers", "which layer of the BERTScore model to compare (default: bert-score's tuned "
            "layer for a table name, the last layer for a folder)", None, "int"),
     Option("drift-against", "a reference model (same tokenizer and depth): record per-layer KL(reference ‖ "
-           "this model), e.g. the fp32 original of a quantized model"),
+           "this model), e.g. the fp32 original of a quantized model, or the previous revision"),
+    Option("drift-revision", "the reference model's hub revision (e.g. the release you upgrade from)"),
+    Option("drift-dtype", "the reference model's dtype (default: --dtype)", choices=C.DTYPES),
+    Option("drift-load-in-4bit", "quantize the reference model with bitsandbytes 4-bit", False, "bool"),
+    Option("drift-load-in-8bit", "quantize the reference model with bitsandbytes 8-bit", False, "bool"),
     # -- output: files written
     Option("report", "HTML report path", C.DEFAULT_REPORT, "path", scope="output"),
     Option("results-json", "results JSON path", C.DEFAULT_RESULTS, "path", scope="output"),
@@ -131,6 +135,8 @@ OPTIONS: tuple[Option, ...] = (
            scope="suite"),
     Option("check-bertscore", "also require BERTScore F1 to be highest at the final exit", False, "bool",
            scope="suite"),
+    Option("max-drift-kl", "with --drift-against: every layer's mean KL(reference ‖ this model) must be ≤ this "
+           "(nats; unset: drift is recorded, not gated)", None, "float", scope="suite"),
 )
 
 BY_NAME = {o.name: o for o in OPTIONS}

@@ -110,7 +110,7 @@ def preflight(settings: Settings, outputs: dict[str, Path | None] | None = None)
     src = resolve_spec(run.model)  # a missing path or package is one line now, not after the session starts
     check_revision(src.kind, run.model, run.revision)
     if run.drift_against:
-        resolve_spec(run.drift_against)
+        check_revision(resolve_spec(run.drift_against).kind, run.drift_against, run.drift_revision)
     outs = outputs_of(settings) if outputs is None else outputs
     for name, path in outs.items():
         if path is not None:

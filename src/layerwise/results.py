@@ -136,6 +136,7 @@ class Drift(TypedDict, total=False):
     positions: int
     against: str
     label: str
+    first_divergent: int | None  # the first layer whose KL(reference ‖ this model) is above the noise floor
 
 
 class PerRow(TypedDict, total=False):

@@ -231,12 +231,13 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
         t4 = time.perf_counter()
         with prog.phase("drift") as ph:
             ph.note(f"against {config.drift_against}")
-            ref_bundle = load_model(config.drift_against, dtype=config.dtype, device=config.device,
+            ref_bundle = load_model(config.drift_against, dtype=config.drift_dtype or config.dtype, device=config.device,
+                                    revision=config.drift_revision, quantization=config.drift_quantization,
                                     trust_remote_code=config.trust_remote_code, token=config.token,
                                     cache_dir=config.cache_dir)
             drift = layer_drift(ref_bundle, bundle, enc.prompt_ids, enc.ref_ids, batch_size=config.batch_size)
-        drift["against"] = config.drift_against
-        drift["label"] = f"KL({config.drift_against} ‖ this model) per layer"
+        drift["against"] = config.drift_against + (f"@{config.drift_revision}" if config.drift_revision else "")
+        drift["label"] = f"KL({drift['against']} ‖ this model) per layer"
         lens["drift"] = drift
         del ref_bundle
         timing["drift_s"] = round(time.perf_counter() - t4, 3)
