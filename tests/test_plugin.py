@@ -866,3 +866,43 @@ def test_gate_from_a_results_file_in_a_folder_with_no_model(pytester, tiny_llama
     assert (pytester.path / "reports" / "report.html").is_file()
     assert not (pytester.path / "reports" / "results.json").exists()  # the input is not copied unless asked
     assert not (pytester.path / "baselines").exists()
+
+
+COUNT_LOADS = """
+import os
+import layerwise.models
+
+_load = layerwise.models.load_model
+
+def _counted(*args, **kwargs):
+    with open("model_loads.txt", "a") as fh:
+        fh.write(f"{os.getpid()}\\n")
+    return _load(*args, **kwargs)
+
+layerwise.models.load_model = _counted
+"""
+
+
+def test_cache_results_skips_the_model_when_nothing_that_matters_changed(pytester, tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "cache"))
+    pytester.makeconftest(COUNT_LOADS)
+    pytester.makepyfile(test_user="def test_mid(exit_metrics):\n    assert exit_metrics[2]['rougeL'] >= 0\n")
+    args = [*tiny(tiny_llama_dir), "--cache-results", "--results-json", "r1.json"]
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
+    assert len((pytester.path / "model_loads.txt").read_text().split()) == 1
+    # the user edits their own test: the evaluation comes from the cache, the model does not load
+    pytester.makepyfile(test_user="def test_mid(exit_metrics):\n    assert exit_metrics[1]['rougeL'] >= 0\n")
+    r = pytester.runpytest_subprocess(*tiny(tiny_llama_dir), "--cache-results", "--results-json", "r2.json")
+    r.assert_outcomes(passed=1)
+    assert "results from the cache" in r.stdout.str()
+    assert len((pytester.path / "model_loads.txt").read_text().split()) == 1
+    one, two = (json.loads((pytester.path / f).read_text()) for f in ("r1.json", "r2.json"))
+    for d in (one, two):
+        for k in ("timing", "tests", "gate"):
+            d.pop(k)
+        d["run"].pop("id")
+    assert one == two
+    # a setting that changes numbers misses the cache
+    r = pytester.runpytest_subprocess(*tiny(tiny_llama_dir), "--cache-results", "--max-new-tokens", "3")
+    r.assert_outcomes(passed=1)
+    assert len((pytester.path / "model_loads.txt").read_text().split()) == 2

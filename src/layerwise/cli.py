@@ -141,9 +141,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out = settings.output
     checked = preflight(settings, outputs={"--results-json": out.results, "--report": out.report})
     t0 = time.perf_counter()
+    from . import results_cache
     from .progress import Progress
 
-    results = evaluate(settings.run, examples=checked.examples, progress=Progress("auto", stream=sys.stderr))
+    key = results_cache.cache_key(settings.run, checked.examples.sha256) if settings.cache_results else None
+    results = results_cache.load(key) if key else None
+    if results is not None:
+        print(f"layerwise: results from the cache ({results_cache.entry_path(key)})", file=sys.stderr)
+    else:
+        results = evaluate(settings.run, examples=checked.examples, progress=Progress("auto", stream=sys.stderr))
+        if key:
+            results_cache.store(key, results)
     stamp_run_id(results)
     files = [(out.results, dumps_json(results).encode())]
     if out.report is not None:

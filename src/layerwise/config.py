@@ -404,6 +404,7 @@ class Settings:
     thresholds: dict[str, Any]
     layer_suite: bool = True
     results_file: Path | None = None  # gate this results file: no model is loaded
+    cache_results: bool = False  # reuse an evaluation with the same identity (results_cache)
     values: dict[str, Any] = field(default_factory=dict)  # every option value, by option name
 
 
@@ -540,4 +541,5 @@ def from_options(values: dict[str, Any], base: Path, project_root: Path | None =
     output = OutputConfig(report=_abs(o["report"], base), results=results_out,  # type: ignore[arg-type]
                           summary_md=summary, summary_append=append)
     return Settings(run=run, gate=gate, output=output, thresholds={k: o[k] for k in THRESHOLDS},
-                    layer_suite=bool(o["layer-suite"]), results_file=results_file, values=dict(o))
+                    layer_suite=bool(o["layer-suite"]), results_file=results_file,
+                    cache_results=bool(o["cache-results"]), values=dict(o))

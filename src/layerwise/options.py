@@ -102,6 +102,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("drift-dtype", "the reference model's dtype (default: --dtype)", choices=C.DTYPES),
     Option("drift-load-in-4bit", "quantize the reference model with bitsandbytes 4-bit", False, "bool"),
     Option("drift-load-in-8bit", "quantize the reference model with bitsandbytes 8-bit", False, "bool"),
+    Option("cache-results", "reuse the evaluation of an earlier run with the same model, data, settings and "
+           "library versions (kept in $LAYERWISE_CACHE/results): editing your own tests does not recompute it",
+           False, "bool"),
     # -- output: files written
     Option("report", "HTML report path", C.DEFAULT_REPORT, "path", scope="output"),
     Option("results-json", "results JSON path", C.DEFAULT_RESULTS, "path", scope="output"),

@@ -57,12 +57,35 @@ class LayerwiseSession:
     # -- the run ------------------------------------------------------------------------------
     def say(self, msg: str) -> None:
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
-        if tr is not None:
-            tr.write_line(f"layerwise: {msg}")
+        if tr is not None and self.config.option.verbose >= 0:
+            with self._uncaptured():  # the terminal's file is fd 1, which pytest captures during a test
+                tr.write_line(f"layerwise: {msg}")
 
     @property
     def gating_a_file(self) -> bool:
         return self.settings.results_file is not None
+
+    def progress(self) -> Any:
+        """Phase progress for this session: a tqdm bar per phase on a terminal, one line per phase
+        in a CI log, nothing under ``-q``."""
+        import sys
+
+        from .progress import Progress
+
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is None or self.config.option.verbose < 0:
+            return Progress("off")
+        stream = sys.__stderr__
+        if stream is not None and stream.isatty():
+            return Progress("bar", stream=stream, write=lambda line: tr.write_line(line))
+        return Progress("lines", write=lambda line: tr.write_line(line))
+
+    def _uncaptured(self) -> Any:
+        """Let progress bars reach the terminal while a fixture computes (pytest captures output)."""
+        import contextlib
+
+        capman = self.config.pluginmanager.get_plugin("capturemanager")
+        return capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
 
     def bundle(self) -> Any:
         if self.gating_a_file:
@@ -74,24 +97,39 @@ class LayerwiseSession:
 
             rc = self.settings.run
             t0 = time.perf_counter()
-            self.say(f"loading {rc.model}{' + adapter ' + rc.adapter if rc.adapter else ''} …")
-            self._bundle = load_model(rc.model, **rc.load_config().kwargs())
+            with self._uncaptured(), self.progress().phase("load") as ph:
+                self._bundle = load_model(rc.model, **rc.load_config().kwargs())
+                ph.note(f"{self._bundle.info.get('name')}{' + adapter ' + rc.adapter if rc.adapter else ''}, "
+                        f"{self._bundle.num_layers} blocks")
             self.phases["load"] = time.perf_counter() - t0
-            self.say(f"loaded {self._bundle.info.get('name')} ({self._bundle.num_layers} blocks) in {self.phases['load']:.1f} s")
         return self._bundle
 
     def results(self) -> dict[str, Any]:
         if self._results is None and self.gating_a_file:
             self._results = self.check().results
+        if self._results is None and self.settings.cache_results:
+            from . import results_cache
+
+            key = results_cache.cache_key(self.settings.run, self.check().examples.sha256)
+            cached = results_cache.load(key)
+            if cached is not None:
+                self.say(f"results from the cache ({results_cache.entry_path(key)}): the model is not loaded")
+                self._results = cached
+                self.phases["cached"] = 0.0
         if self._results is None:
             from .runner import evaluate
 
             bundle = self.bundle()
             t0 = time.perf_counter()
-            res = evaluate(self.settings.run, bundle=bundle, log=self.say, examples=self.check().examples)
+            with self._uncaptured():
+                res = evaluate(self.settings.run, bundle=bundle, examples=self.check().examples, progress=self.progress())
             from .results import validate_results
 
             validate_results(res, "the results of this run")  # the runner keeps the contract it declares
+            if self.settings.cache_results:
+                from . import results_cache
+
+                results_cache.store(results_cache.cache_key(self.settings.run, self.check().examples.sha256), res)
             res["timing"]["load_s"] = round(self.phases.get("load", 0.0), 3)
             for k in ("lens_s", "generate_s", "metrics_s"):
                 self.phases[k[:-2]] = res["timing"][k]
