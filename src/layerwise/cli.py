@@ -126,30 +126,47 @@ RUN_SCOPES = ("model", "run", "output")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import time
-
+    from . import distributed
     from .config import from_options
-    from .io import dumps_json, write_set
     from .options import read_namespace
     from .preflight import preflight
+
+    settings = from_options(read_namespace(args), Path.cwd(), environ={})
+    out = settings.output
+    checked = preflight(settings, outputs={"--results-json": out.results, "--report": out.report})
+    shard = distributed.from_env()  # under torchrun: rows shared between the ranks, written once by rank 0
+    if shard is not None:
+        settings.run.device = shard.device(settings.run.device)
+        try:
+            return _run(settings, checked, shard)
+        finally:
+            shard.close()
+    return _run(settings, checked, None)
+
+
+def _run(settings: Any, checked: Any, shard: Any) -> int:
+    import time
+
+    from . import results_cache
+    from .io import dumps_json, write_set
+    from .progress import Progress
     from .report import render_report
     from .runid import stamp_run_id
     from .runner import evaluate
     from .terminal import table_lines
 
-    settings = from_options(read_namespace(args), Path.cwd(), environ={})
     out = settings.output
-    checked = preflight(settings, outputs={"--results-json": out.results, "--report": out.report})
-    t0 = time.perf_counter()
-    from . import results_cache
-    from .progress import Progress
-
-    key = results_cache.cache_key(settings.run, checked.examples.sha256) if settings.cache_results else None
+    key = results_cache.cache_key(settings.run, checked.examples.sha256) if settings.cache_results and shard is None else None
     results = results_cache.load(key) if key else None
+    t0 = time.perf_counter()
     if results is not None:
         print(f"layerwise: results from the cache ({results_cache.entry_path(key)})", file=sys.stderr)
     else:
-        results = evaluate(settings.run, examples=checked.examples, progress=Progress("auto", stream=sys.stderr))
+        quiet = shard is not None and shard.rank != 0
+        results = evaluate(settings.run, examples=checked.examples, shard=shard,
+                           progress=Progress("off" if quiet else "auto", stream=sys.stderr))
+        if results is None:
+            return 0  # another rank: rank 0 writes the results
         if key:
             results_cache.store(key, results)
     stamp_run_id(results)

@@ -142,9 +142,10 @@ def _scaled_stably(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits.float(), -1)
-    # float64 accumulation: the result does not depend on how threads split the reduction
-    return -(logp.exp() * logp).sum(-1, dtype=torch.float64)
+    # in float64 throughout: a float32 log-softmax depends (in the 7th digit) on how many threads
+    # split its reductions, and so would the results of one process vs a torchrun of several
+    logp = torch.log_softmax(logits.double(), -1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def generate_exits(

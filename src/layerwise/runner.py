@@ -72,34 +72,77 @@ class Sweep:
     counts: list[int]  # teacher-forced positions of each row, in row order
 
 
+@dataclass
+class BatchPart:
+    """One batch's share of a sweep (what a rank hands to rank 0 under torchrun)."""
+
+    index: int  # the batch's number: parts are joined in this order
+    stats: Any
+    first: Any
+    counts: list[int]
+    tokens: dict[int, list[list[int]]]
+    entropies: dict[int, list[list[float]]]
+
+
+@dataclass
+class SweepParts:
+    parts: list[BatchPart]
+    grid_stats: Any = None
+    grid_inputs: list[int] | None = None
+    lens_s: float = 0.0
+    gen_s: float = 0.0
+
+    def add(self, other: "SweepParts") -> None:
+        self.parts += other.parts
+        if other.grid_stats is not None:
+            self.grid_stats, self.grid_inputs = other.grid_stats, other.grid_inputs
+        self.lens_s += other.lens_s
+        self.gen_s += other.gen_s
+
+    def merge(self, exits: list[int]) -> Sweep:
+        """The batches joined in batch order: the same tensors whichever process computed them."""
+        from .lens import concat_stats
+
+        parts = sorted(self.parts, key=lambda p: p.index)
+        return Sweep(stats=concat_stats([p.stats for p in parts]), first_stats=concat_stats([p.first for p in parts]),
+                     grid_stats=self.grid_stats, grid_inputs=self.grid_inputs,
+                     tokens={e: [t for p in parts for t in p.tokens[e]] for e in exits},
+                     entropies={e: [t for p in parts for t in p.entropies[e]] for e in exits},
+                     lens_s=self.lens_s, gen_s=self.gen_s, counts=[c for p in parts for c in p.counts])
+
+
 def run_sweep(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[list[int]], exits: list[int],
               config: RunConfig, say: Log = lambda _m: None, progress: Progress = SILENT) -> Sweep:
     """For each batch of rows: one forward over ``prompt | reference`` (teacher-forced lens,
     first-token lens, and the prompts' KV cache), then all exits decoded together from that cache."""
+    return sweep_parts(bundle, prompt_ids, ref_ids, exits, config, progress).merge(exits)
+
+
+def sweep_parts(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[list[int]], exits: list[int],
+                config: RunConfig, progress: Progress = SILENT, shard: tuple[int, int] | None = None) -> SweepParts:
+    """The sweep's batches — all of them, or under torchrun (``shard`` = (rank, world size)) every
+    world-th batch from the rank's own: the batches are the same as in one process, so the
+    joined results are byte for byte those of one process."""
     import torch
 
     from .compat import crop_cache, new_cache
     from .decoding import Prefill, generate_exits
     from .families import batch_prompts
-    from .lens import concat_stats, layer_stats, pack_rows
+    from .lens import layer_stats, pack_rows
 
     model, tok, adapter = bundle.model, bundle.tokenizer, bundle.adapter
     dec = config.decoding
     dev = bundle.device
     n_rows = len(prompt_ids)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    gen_tokens: dict[int, list[list[int]]] = {e: [] for e in exits}
-    gen_entropy: dict[int, list[list[float]]] = {e: [] for e in exits}
-    all_stats: list[Any] = []
-    first_stats: list[Any] = []
-    counts_all: list[int] = []
-    grid_stats = grid_inputs = None
-    lens_s = gen_s = 0.0
+    out = SweepParts(parts=[])
     step = config.batch_size if batch_prompts(str(adapter.model_type), bundle.info.get("lens_proof")) else 1
     batches = [range(b0, min(n_rows, b0 + step)) for b0 in range(0, n_rows, step)]
-    with progress.phase("generate", total=len(batches) * (dec.max_new_tokens - 1) or None, unit="step") as gen_bar, \
-            progress.phase("lens", total=n_rows, unit="row") as lens_bar:  # lens ends (and prints) first
-        for rows in batches:
+    mine = [(i, b) for i, b in enumerate(batches) if shard is None or i % shard[1] == shard[0]]
+    my_rows = sum(len(b) for _, b in mine)
+    with progress.phase("generate", total=len(mine) * (dec.max_new_tokens - 1) or None, unit="step") as gen_bar, \
+            progress.phase("lens", total=my_rows, unit="row") as lens_bar:  # lens ends (and prints) first
+        for index, rows in mine:
             t1 = time.perf_counter()
             packed = pack_rows([prompt_ids[i] for i in rows], [ref_ids[i] for i in rows], pad)
             S, valid, targets = packed.prompt_len, packed.valid, packed.targets
@@ -115,15 +158,12 @@ def run_sweep(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[li
             starts = torch.tensor([sum(counts[:j]) for j in range(len(counts))])
             first_hidden = {k: v[starts.to(v.device)] for k, v in flat.items()}
             st_first = layer_stats(adapter, first_hidden, targets[valid][starts], top_k=config.lens_top_k, raw=config.raw_lens)
-            all_stats.append(st)
-            first_stats.append(st_first)
-            counts_all += counts
             if rows.start == 0 and config.lens_top_k:
                 n_grid = min(16, counts[0])
                 grid_hidden = {k: v[:n_grid] for k, v in flat.items()}
-                grid_stats = layer_stats(adapter, grid_hidden, None, top_k=1)
-                grid_inputs = [prompt_ids[0][-1]] + ref_ids[0][: n_grid - 1]
-            lens_s += time.perf_counter() - t1
+                out.grid_stats = layer_stats(adapter, grid_hidden, None, top_k=1)
+                out.grid_inputs = [prompt_ids[0][-1]] + ref_ids[0][: n_grid - 1]
+            out.lens_s += time.perf_counter() - t1
             lens_bar.update(len(rows))
 
             t2 = time.perf_counter()
@@ -132,17 +172,14 @@ def run_sweep(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[li
             del store, flat
             g = generate_exits(bundle, seq[:, :S], mask[:, :S], exits, dec, prefilled=pre, on_step=gen_bar.update)
             gen_bar.update(dec.max_new_tokens - 1 - g.steps)  # a batch that stops early finishes its share
-            for e in exits:
-                gen_tokens[e].extend(g.tokens[e])
-                gen_entropy[e].extend(g.entropies[e])
-            gen_s += time.perf_counter() - t2
-        lens_bar.note(f"{len(batches)} batch{'es' if len(batches) > 1 else ''}, {sum(counts_all)} positions")
-        gen_bar.note(f"{len(exits)} exits × {n_rows} rows")
-        lens_bar.seconds, gen_bar.seconds = lens_s, gen_s  # the two phases interleave batch by batch
-
-    return Sweep(stats=concat_stats(all_stats), first_stats=concat_stats(first_stats), grid_stats=grid_stats,
-                 grid_inputs=grid_inputs, tokens=gen_tokens, entropies=gen_entropy, lens_s=lens_s, gen_s=gen_s,
-                 counts=counts_all)
+            out.parts.append(BatchPart(index, st, st_first, counts, {e: g.tokens[e] for e in exits},
+                                       {e: g.entropies[e] for e in exits}))
+            out.gen_s += time.perf_counter() - t2
+        positions = sum(c for p in out.parts for c in p.counts)
+        lens_bar.note(f"{len(mine)} batch{'es' if len(mine) > 1 else ''}, {positions} positions")
+        gen_bar.note(f"{len(exits)} exits × {my_rows} rows")
+        lens_bar.seconds, gen_bar.seconds = out.lens_s, out.gen_s  # the two phases interleave batch by batch
+    return out
 
 
 @dataclass
@@ -176,11 +213,15 @@ def encode(config: RunConfig, examples: list[Any], tok: Any, model: Any, data_pa
 
 
 def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | None = None,
-             examples: list[Any] | None = None, progress: Progress | None = None) -> dict[str, Any]:
+             examples: list[Any] | None = None, progress: Progress | None = None,
+             shard: Any = None) -> dict[str, Any] | None:
     """Run the whole evaluation and return the results dict (not yet written anywhere).
 
     ``examples``: the prompt rows if the caller already read them (preflight), else read here.
     ``progress``: where phases are reported (default: lines through ``log``, or nothing).
+    ``shard``: under torchrun, this process's :class:`layerwise.distributed.Shard`: the batches are
+    shared among the ranks, gathered on rank 0, which scores and returns the results; the other
+    ranks return None.
     """
     from .config import resolve_exits
     from .data import default_prompts_path, load_examples
@@ -199,8 +240,10 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
     data_path = Path(config.prompts) if config.prompts else default_prompts_path()
     if examples is None:
         examples = load_examples(data_path, config.limit)
-    # a bad BERTScore model fails now, not after the run
-    scorer = Scorer(bertscore_model=config.bertscore_model, bertscore_num_layers=config.bertscore_num_layers).load()
+    # a bad BERTScore model fails now, not after the run (it is loaded where the scoring happens)
+    scorer = Scorer(bertscore_model=config.bertscore_model, bertscore_num_layers=config.bertscore_num_layers)
+    if shard is None or shard.rank == 0:
+        scorer.load()
 
     t0 = time.perf_counter()
     if bundle is None:
@@ -216,7 +259,17 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
     exits, exit_spec = resolve_exits(config.exit_layers, L)
     enc = encode(config, examples, tok, bundle.model, data_path)
 
-    sw = run_sweep(bundle, enc.prompt_ids, enc.ref_ids, exits, config, progress=prog)
+    if shard is None:
+        sw = run_sweep(bundle, enc.prompt_ids, enc.ref_ids, exits, config, progress=prog)
+    else:
+        mine = sweep_parts(bundle, enc.prompt_ids, enc.ref_ids, exits, config, prog, (shard.rank, shard.world))
+        gathered = shard.gather(mine)
+        if gathered is None:
+            return None  # not rank 0: its batches are in rank 0's hands
+        whole = SweepParts(parts=[])
+        for part in gathered:
+            whole.add(part)
+        sw = whole.merge(exits)
     timing["lens_s"] = round(sw.lens_s, 3)
     timing["generate_s"] = round(sw.gen_s, 3)
     lens = lens_results(
