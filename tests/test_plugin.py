@@ -243,6 +243,7 @@ def _ini_values(tmp: Path) -> tuple[dict[str, str], dict[str, object]]:
         "drift-load-in-4bit": ("true", True),
         "drift-load-in-8bit": ("false", False),
         "max-drift-kl": ("0.5", 0.5),
+        "cache-results": ("true", True),
         "results": ("r_in.json", str(tmp / "r_in.json")),
     }
     names = {o.name for o in OPTIONS}
@@ -453,7 +454,8 @@ def test_missing_model_folder_writes_nothing(pytester):
     pytester.makepyfile(test_user=USER_TESTS)
     result = pytester.runpytest("--model", "./no-such-model", *TINY_ARGS)
     assert result.ret == USAGE
-    assert any("model path ./no-such-model does not exist" in ln for ln in result.outlines)
+    # found before the session starts (preflight), not after a fixture asked for the model
+    assert_one_line_usage_error(result, "model path ./no-such-model does not exist")
     _assert_untouched(pytester.path, old)
 
 
@@ -823,7 +825,7 @@ def test_gate_from_a_results_file_in_a_folder_with_no_model(pytester, tiny_llama
     out = result.stdout.str()
     assert "layerwise: gate PASSED against" in out, out
     outcomes = result.parseoutcomes()
-    assert outcomes.get("skipped") == 3  # the three tests that need the model itself
+    assert outcomes.get("skipped") == 4  # the three tests that need the model itself, and drift (no reference)
     assert "needs the model; this run gates the results file" in out
     heavy = json.loads((pytester.path / "heavy_modules.json").read_text())
     assert "torch" not in heavy and "transformers" not in heavy, heavy  # no model, no torch
