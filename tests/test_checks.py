@@ -481,3 +481,29 @@ def test_tolerances_that_would_switch_the_gate_off_are_refused(spec, needle):
     assert needle in msg and "\n" not in msg
     if "unknown" in needle:
         assert "bleu, rougeL, bertscore_f1" in msg  # lists the valid names
+
+
+def test_a_1000_row_baseline_stays_under_2_mb_and_reads_back():
+    """Row-level records for 1,000 rows × 4 exits × 31 layers, as written (lists on one line)."""
+    import random
+
+    rng = random.Random(0)
+    L, n, exits = 30, 1000, [8, 15, 23, 30]
+    res = make_results(L=L)
+    res["run"]["exit_layers"] = exits
+    res["exits"] = [dict(res["exits"][-1], layer=e) for e in exits]
+    res["run"]["data"]["rows"] = n
+    res["rows"] = [{"index": i, "instruction": "i", "input": "", "reference": "r", "prompt": "p",
+                    "generations": {str(e): "g" for e in exits},
+                    "scores": {str(e): {"bleu": round(rng.random() * 30, 4), "rougeL": round(rng.random(), 6),
+                                        "bertscore_f1": round(rng.random(), 6)} for e in exits},
+                    "tokens": {str(e): {"sha": f"{rng.getrandbits(64):016x}", "head": [rng.randrange(49152) for _ in range(16)]}
+                               for e in exits}} for i in range(n)]
+    res["lens"]["per_row"] = {"first_top1": [[rng.randrange(49152) for _ in range(n)] for _ in range(L + 1)],
+                              "tf_agree": [[round(rng.random(), 4) for _ in range(n)] for _ in range(L + 1)]}
+    base = B.make_baseline(res)
+    text = B.dumps_baseline(base)
+    print(f"1,000-row baseline: {len(text.encode()) / 1e6:.2f} MB")
+    assert len(text.encode()) < 2_000_000
+    assert json.loads(text) == json.loads(json.dumps(base))
+    B.validate_baseline(json.loads(text))

@@ -27,7 +27,7 @@ from typing import Any, Literal, Required, TypedDict
 
 from .config import DEFAULT_TOLERANCES
 from .errors import BaselineError
-from .io import atomic_write_json, read_json
+from .io import atomic_write_text, dumps_json, read_json
 from .paired import Interval, bootstrap_mean, detectable_effect
 from .schema import check
 
@@ -220,8 +220,13 @@ def make_baseline(results: dict[str, Any], created: str | None = None,
     return out
 
 
+def dumps_baseline(baseline: dict[str, Any]) -> str:
+    """A baseline as written: indented objects, each list of numbers on one line."""
+    return dumps_json(baseline, flat_lists=True)
+
+
 def write_baseline(results: dict[str, Any], path: str | Path) -> Path:
-    return atomic_write_json(path, make_baseline(results))
+    return atomic_write_text(path, dumps_baseline(make_baseline(results)))
 
 
 def load_baseline(path: str | Path) -> dict[str, Any]:

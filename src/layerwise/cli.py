@@ -198,9 +198,10 @@ def add_run(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------- calibrate
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .baseline import dumps_baseline
     from .calibrate import calibrate
     from .config import from_options
-    from .io import atomic_write_json
+    from .io import atomic_write_text
     from .options import read_namespace
     from .preflight import check_not_in_package, preflight
 
@@ -214,7 +215,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     checked = preflight(settings, outputs={"-o/--output": out})
     base = calibrate(settings.run, args.runs, examples=checked.examples,
                      log=lambda m: print(f"layerwise: {m}", file=sys.stderr, flush=True))
-    atomic_write_json(out, base, "-o/--output")
+    atomic_write_text(out, dumps_baseline(base), "-o/--output")
     widest = sorted(((max((v for v in vals if v is not None), default=0.0), name) for name, vals in base["spread"].items()),
                     reverse=True)[:3]
     print(f"layerwise: wrote calibrated baseline {out} ({args.runs} runs; largest spreads: "

@@ -215,9 +215,31 @@ def atomic_write_text(path: PathLike, text: str, what: str = "output") -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"), what)
 
 
-def dumps_json(obj: Any) -> str:
-    """The one JSON encoding layerwise writes: sorted keys, stable floats, trailing newline."""
-    return json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
+def dumps_json(obj: Any, flat_lists: bool = False) -> str:
+    """The one JSON encoding layerwise writes: sorted keys, stable floats, trailing newline.
+
+    ``flat_lists``: lists of numbers and strings on one line each (baselines: their per-row records
+    stay small and their diffs readable, one line per record)."""
+    if not flat_lists:
+        return json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
+    return _flat(obj, 0) + "\n"
+
+
+def _flat(obj: Any, depth: int) -> str:
+    def enc(x: Any) -> str:
+        return json.dumps(x, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+    pad, inner = " " * depth, " " * (depth + 1)
+    if isinstance(obj, dict):
+        if not obj:
+            return "{}"
+        items = [f"{inner}{enc(k)}: {_flat(obj[k], depth + 1)}" for k in sorted(obj)]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, list):
+        if all(not isinstance(x, (dict, list)) for x in obj):
+            return enc(obj)
+        return "[\n" + ",\n".join(inner + _flat(x, depth + 1) for x in obj) + "\n" + pad + "]"
+    return enc(obj)
 
 
 def atomic_write_json(path: PathLike, obj: Any, what: str = "output") -> Path:

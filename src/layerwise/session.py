@@ -220,7 +220,7 @@ class LayerwiseSession:
         one set (one run id, renamed together), then the Markdown digest — only for a complete run."""
         if self._results is None or exitstatus == 2:  # never evaluated, or interrupted
             return
-        from .baseline import make_baseline
+        from .baseline import dumps_baseline, make_baseline
         from .io import atomic_write_text, dumps_json, write_set
         from .report import render_report
         from .runid import stamp_run_id
@@ -236,13 +236,13 @@ class LayerwiseSession:
         files: list[tuple[Path, bytes]] = []
         what: list[str] = []
         if gate.update and gate.baseline is not None:
-            files.append((gate.baseline, dumps_json(make_baseline(res)).encode()))
+            files.append((gate.baseline, dumps_baseline(make_baseline(res)).encode()))
             what.append("--baseline")
         if verdict.status == "failed" and gate.baseline is not None:
             folder = (out.results or out.report or Path("reports/x")).parent
             obtained = folder / f"{gate.baseline.stem}.obtained.json"
             res["gate"]["obtained"] = self._display(obtained)
-            files.append((obtained, dumps_json(make_baseline(res)).encode()))
+            files.append((obtained, dumps_baseline(make_baseline(res)).encode()))
             what.append("the obtained baseline")
         res.setdefault("timing", {})["report_s"] = 0.0
         if out.results is not None:
