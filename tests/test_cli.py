@@ -174,3 +174,24 @@ def test_console_script_exit_status(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.startswith("layerwise: error: ") and len(bad.stderr.strip().splitlines()) == 1
     assert "Traceback" not in bad.stderr
+
+
+def test_calibrate_records_the_spread_and_the_gate_uses_it(tmp_path, tiny_llama_dir, capsys):
+    """``layerwise calibrate``: runs varied in batch size and row order; on CPU with greedy decoding
+    the spread of every tracked number is (near) zero, and the baseline gates like any other."""
+    from layerwise.baseline import load_baseline
+
+    out = tmp_path / "calibrated.json"
+    args = ["calibrate", "--runs", "3", f"--model={tiny_llama_dir}", "--bertscore-model", "none", "--limit", "4",
+            "--max-new-tokens", "4", "--teacher-forced-tokens", "4", "--batch-size", "4", "-o", str(out)]
+    assert main(args) == 0
+    base = load_baseline(out)
+    assert base["calibration"]["runs"] == 3 and "row order" in base["calibration"]["varied"]
+    assert "batch size 4/2/1" in base["calibration"]["varied"][0]
+    spread = base["spread"]
+    assert set(spread) >= {"exits.bleu", "teacher_forced.entropy", "first_token.top1_agree"}
+    widest = max(v for vals in spread.values() for v in vals if v is not None)
+    print(f"widest spread over 3 calibration runs: {widest:.3g}")
+    assert widest < 1e-4  # batch size and row order move only float rounding
+    assert "wrote calibrated baseline" in capsys.readouterr().out
+    assert main(["calibrate", "--runs", "1", f"--model={tiny_llama_dir}", "-o", str(tmp_path / "x.json")]) == 2
