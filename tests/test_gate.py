@@ -463,3 +463,23 @@ def test_drift_locates_a_changed_block_exactly_and_gates(tiny_setup, block):
     assert not failed.ok and failed.message.startswith(f"departs from reference first at layer {block} (the output of block {block})")
     assert drift_limit(res, 1e6).ok
     assert layer_drift(ref, bundle, prompt_ids, ref_ids)["first_divergent"] is None  # restored: identical
+
+
+@pytest.mark.slow
+def test_a_relative_baseline_of_the_default_model_gates_it_with_its_last_block_removed(default_bundle):
+    """Must-show of issue #13: a relative-exit baseline of SmolLM2-135M (30 blocks) gating a copy
+    with its last block removed (29 blocks): compared, exits matched by relative position."""
+    from tiny_models import truncated_copy
+
+    from layerwise.baseline import judge
+
+    rel = dict(exit_layers=["25%", "50%", "75%", "100%"])
+    base_res = evaluate(gate_config(**rel), bundle=default_bundle)
+    baseline = as_saved(make_baseline(base_res))
+    cut = bundle_from_model(truncated_copy(default_bundle.model, 29), default_bundle.tokenizer, name="SmolLM2-135M, 29 blocks")
+    res = evaluate(gate_config(**rel), bundle=cut)
+    v = judge(baseline, res, name="smollm2-135m-relative.json")
+    print("\n" + v.message("reports/results.json"))
+    assert base_res["run"]["exit_layers"] == [8, 15, 23, 30] and res["run"]["exit_layers"] == [8, 15, 22, 29]
+    assert v.gated and v.matched_exits == [["25%", 8], ["50%", 15], ["75%", 22], ["100%", 29]]
+    assert "relative exits, baseline 30 blocks, this model 29" in v.line()

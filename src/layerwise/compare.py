@@ -89,6 +89,18 @@ def _compare_notes(old: dict, new: dict, labels: Sequence[str]) -> list[str]:
     return [f"{labels[0]} — {n}" for n in a] + [f"{labels[1]} — {n}" for n in b]
 
 
+def _divergence(old: dict, new: dict, labels: Sequence[str]) -> str:
+    """The headline: where the second run's model first departs from the first's."""
+    from .baseline import first_divergent_layer, make_baseline
+
+    if old["run"]["model"]["num_layers"] != new["run"]["model"]["num_layers"]:
+        return f"The models have different depths: {labels[1]} is not located against {labels[0]} layer by layer."
+    k, evidence = first_divergent_layer(make_baseline(old), new)
+    if k is None:
+        return f"{labels[1]} matches {labels[0]} at every layer (entropy, cross-entropy, first-token top-1)."
+    return f"First divergent layer: {k}. {evidence}"
+
+
 def build_compare_context(old: dict, new: dict, labels: Sequence[str] = ("old", "new")) -> dict[str, Any]:
     from . import charts
 
@@ -108,6 +120,7 @@ def build_compare_context(old: dict, new: dict, labels: Sequence[str] = ("old", 
         "labels": labels,
         "info": _compare_info(old, new),
         "warnings": _compare_warnings(old, new, labels),
+        "divergence": _divergence(old, new, labels),
         "tests": [tests_summary(old), tests_summary(new)],
         "metrics": [{"title": t, "direction": d} for _k, t, _d, d in METRICS],
         "rows": _compare_rows(old, new),
