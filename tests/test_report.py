@@ -508,6 +508,6 @@ def test_a_real_run_matches_the_contract_exactly(tiny):
 def test_compare_page_headlines_the_first_divergent_layer(tiny, tiny_b):
     html = render_compare(tiny, tiny_b, labels=("main", "pr"))
     head = section(html, '<p class="gate"><b>', "</b>")
-    assert head.startswith("First divergent layer: 0.") and "first_token.entropy" in head
+    assert head.startswith('<p class="gate"><b>First divergent layer: 0.') and "first_token.entropy" in head
     same = render_compare(tiny, tiny, labels=("main", "pr"))
     assert "pr matches main at every layer" in section(same, '<p class="gate"><b>', "</b>")
