@@ -234,7 +234,7 @@ def test_tiny_report_in_chromium(tiny_report, tmp_path):
 
 @needs_chromium
 def test_compare_page_in_chromium(tmp_path):
-    from layerwise.report import write_compare
+    from layerwise.compare import write_compare
     from layerwise.results import load_results
 
     out = write_compare(load_results(DATA / "results_tiny.json"), load_results(DATA / "results_tiny_b.json"),

@@ -112,4 +112,8 @@ def test_empty_folder_runs_the_shipped_suite_and_the_gate_passes(fresh_venv, tmp
     assert res["gate"]["status"] == "passed" and res["run"]["model"]["name"] == "SmolLM2-135M-Instruct"
     ids = {t["nodeid"]: t["outcome"] for t in res["tests"]}
     assert ids["layerwise/layer_tests/test_baseline.py::test_matches_baseline"] == "passed"
+    # every shipped test ran and passed, except the drift check, which is opt-in (--drift-against)
+    drift = "layerwise/layer_tests/test_drift.py::test_drift_against_the_reference_within_limit"
+    assert ids.pop(drift) == "skipped", ids
     assert len(ids) >= 9 and set(ids.values()) == {"passed"}, ids
+    assert "no reference model: pass --drift-against SPEC" in r.stdout, out
