@@ -43,6 +43,7 @@ class Forecast:
     alpha: dict[int, float]
     row_alpha: dict[int, list[float | None]]
     final_matches_text: float  # the fraction of positions whose full-model argmax is the generated token
+    flags: dict[int, list[list[bool]]]  # exit -> per row, per generated position: exit's argmax = the full model's
 
     def expected(self, exit_layer: int) -> float:
         return expected_tokens(self.alpha[exit_layer], self.gamma)
@@ -70,6 +71,7 @@ def acceptance(bundle: Any, prompt_ids: list[list[int]], generated: list[list[in
     step = batch_size if batch_prompts(str(adapter.model_type), bundle.info.get("lens_proof")) else 1
     hits = {k: 0 for k in exits}
     row_alpha: dict[int, list[float | None]] = {k: [] for k in exits}
+    flags: dict[int, list[list[bool]]] = {k: [] for k in exits}
     positions = same_as_text = 0
     for b0 in range(0, len(prompt_ids), step):
         rows = range(b0, min(len(prompt_ids), b0 + step))
@@ -95,12 +97,55 @@ def acceptance(bundle: Any, prompt_ids: list[list[int]], generated: list[list[in
             agree = top[k] == top[L]
             hits[k] += int(agree.sum())
             row_alpha[k] += [float(agree[a:b].double().mean()) if b > a else None for a, b in zip(bounds, bounds[1:])]
+            flags[k] += [agree[a:b].tolist() for a, b in zip(bounds, bounds[1:])]
         del store, flat
         if on_batch is not None:
             on_batch(len(rows))
     alpha = {k: (hits[k] / positions if positions else float("nan")) for k in exits}
     return Forecast(gamma=gamma, positions=positions, alpha=alpha, row_alpha=row_alpha,
-                    final_matches_text=same_as_text / positions if positions else float("nan"))
+                    final_matches_text=same_as_text / positions if positions else float("nan"), flags=flags)
+
+
+@dataclass
+class Rounds:
+    """Counts of a self-speculative decode: full-model forwards, drafted tokens checked, accepted."""
+
+    steps: int = 0
+    checked: int = 0
+    accepted: int = 0
+    tokens: int = 0
+
+    def __iadd__(self, other: "Rounds") -> "Rounds":
+        self.steps += other.steps
+        self.checked += other.checked
+        self.accepted += other.accepted
+        self.tokens += other.tokens
+        return self
+
+
+def simulate(flags: list[bool], gamma: int, budget: int) -> Rounds:
+    """What greedy self-speculative decoding does along one row's text, given at each generated
+    position whether the draft's argmax equals the full model's (``flags``, one per generated
+    token): each round drafts min(γ, budget − generated − 1) tokens, the full model keeps the
+    longest agreeing prefix and adds one token of its own, until the text (``len(flags)`` tokens,
+    ending at EOS or the budget) is complete. Exact for the counts of transformers' assisted
+    decoding with ``assistant_early_exit`` and a constant γ — the per-position acceptances are no
+    forecast; only E's assumption that they are independent is."""
+    n = len(flags)
+    out = Rounds()
+    pos = 0
+    while pos < n:
+        g = max(0, min(gamma, budget - pos - 1))
+        m = 0
+        while m < g and pos + m < n and flags[pos + m]:
+            m += 1
+        m = min(m, n - pos - 1)  # accepted tokens past the end (EOS, budget) are cut
+        out.steps += 1
+        out.accepted += m
+        out.checked += min(m + 1, g)
+        pos += m + 1
+    out.tokens = n
+    return out
 
 
 def skipped_because(exits: list[int], num_layers: int, do_sample: bool) -> str | None:
