@@ -245,6 +245,7 @@ def _ini_values(tmp: Path) -> tuple[dict[str, str], dict[str, object]]:
         "max-drift-kl": ("0.5", 0.5),
         "cache-results": ("true", True),
         "results": ("r_in.json", str(tmp / "r_in.json")),
+        "draft-tokens": ("6", 6),
     }
     names = {o.name for o in OPTIONS}
     # options added after this test was written are left at their defaults here

@@ -35,14 +35,19 @@ BASELINE_SCHEMA = "pytest-layerwise/baseline"
 BASELINE_VERSION = 2
 READS_VERSIONS = (1, 2)  # version 1: aggregates only (no row records, no spread)
 
-EXIT_METRICS = ("bleu", "rougeL", "bertscore_f1")
+#: Per exit: quality, and α, the exit's self-speculative acceptance rate (layerwise.speculative).
+EXIT_METRICS = ("bleu", "rougeL", "bertscore_f1", "accept_rate")
 LENS_CURVES = (
     ("first_token", "entropy"),
     ("teacher_forced", "entropy"),
     ("teacher_forced", "kl_to_final"),
     ("teacher_forced", "xent"),
 )
-LENS_RATES = (("teacher_forced", "top1_agree"), ("first_token", "top1_agree"))
+#: Decision depth (layerwise.milestones): the fraction of positions / rows decided by each layer;
+#: the verdict also reports the change of their means.
+DEPTH_CURVES = (("teacher_forced", "decided_top1"), ("first_token", "decided_top1"),
+                ("teacher_forced", "decided_top10"), ("first_token", "decided_top10"))
+LENS_RATES = (("teacher_forced", "top1_agree"), ("first_token", "top1_agree"), *DEPTH_CURVES)
 #: A per-layer number that moved less than this is the same (float rounding; a batch change moves
 #: numbers ≤ 7e-6 on CPU): below it a layer has not departed from the baseline.
 DIVERGENCE_EPS = 2e-5
@@ -73,6 +78,7 @@ class ExitNumbers(TypedDict, total=False):
     bleu: float | None
     rougeL: float | None
     bertscore_f1: float | None
+    accept_rate: float | None
 
 
 class ExitRows(TypedDict, total=False):
@@ -81,6 +87,7 @@ class ExitRows(TypedDict, total=False):
     bleu: list[float | None]
     rougeL: list[float | None]
     bertscore_f1: list[float | None]
+    accept_rate: list[float | None]
 
 
 class RowRecords(TypedDict, total=False):
@@ -465,6 +472,29 @@ def first_divergent_layer(baseline: dict[str, Any], results: dict[str, Any]) -> 
     return k, f"layer {k} is {what}: " + ", ".join(moved[k][:4]) + below
 
 
+def mean_depth(decided: list[float | None] | None) -> float | None:
+    """The mean decision depth from the fraction decided by each layer 0..L: Σ_{k<L} (1 − F(k))."""
+    if not decided or not all(_is_num(v) for v in decided):
+        return None
+    return sum(1.0 - v for v in decided[:-1])  # type: ignore[operator]
+
+
+def depth_change(baseline: dict[str, Any], results: dict[str, Any]) -> str:
+    """The decision depth's mean, baseline → this run, for each tracked depth curve ("" if none)."""
+    current = tracked_curves(results)
+    Lb, Lc = len(next(iter(baseline["lens"].values()), [])) - 1, results["run"]["model"]["num_layers"]
+    parts = []
+    for sec, stat in DEPTH_CURVES:
+        name = f"{sec}.{stat}"
+        b, c = mean_depth(baseline["lens"].get(name)), mean_depth(current.get(name))
+        if b is None or c is None:
+            continue
+        what = f"{stat.replace('decided_', '')} {'first token' if sec == 'first_token' else 'teacher-forced'}"
+        depths = "" if Lb == Lc else f" (of {Lb} → of {Lc} blocks)"
+        parts.append(f"{what} {b:.2f} → {c:.2f} ({c - b:+.2f}){depths}")
+    return "decision depth, mean layer: " + "; ".join(parts) if parts else ""
+
+
 def rows_changed(baseline: dict[str, Any], results: dict[str, Any]) -> dict[str, list[int]]:
     """Per exit: [rows whose generated tokens differ from the baseline's, rows compared]."""
     brows, rows = baseline.get("rows"), row_records(results)
@@ -502,6 +532,7 @@ class Verdict:
     within_noise: list[Deviation] = field(default_factory=list)
     matched_exits: list[list[Any]] = field(default_factory=list)  # [[baseline exit, this run's layer]]
     depths: list[int] | None = None  # [baseline blocks, this model's blocks] when they differ
+    depth_change: str = ""  # the decision depth's mean, baseline → this run
 
     @property
     def gated(self) -> bool:
@@ -537,6 +568,8 @@ class Verdict:
         if self.rows_changed:
             out.append("rows whose generation changed: " + ", ".join(
                 f"exit {k}: {c}/{n}" for k, (c, n) in sorted(self.rows_changed.items(), key=lambda kv: _exit_order(kv[0]))))
+        if self.depth_change:
+            out.append(self.depth_change)
         if self.matched_exits and self.depths:
             out.append("exits matched by relative position: " + ", ".join(f"{a} → layer {b}" for a, b in self.matched_exits))
         return out
@@ -607,4 +640,4 @@ def judge(baseline: dict[str, Any] | None, results: dict[str, Any], *, name: str
         warnings=environment_warnings(baseline, results), first_divergent=first, divergence=evidence if first is not None else "",
         quality=quality, rows_changed=rows_changed(baseline, results), within_noise=noise,
         matched_exits=[[n, e["layer"] if e else None] for n, _be, e in pairs],
-        depths=[Lb, Lc] if Lb is not None and Lb != Lc else None, **meta)
+        depths=[Lb, Lc] if Lb is not None and Lb != Lc else None, depth_change=depth_change(baseline, results), **meta)

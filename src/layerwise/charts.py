@@ -303,6 +303,56 @@ def chart_top1(results: dict) -> str | None:
                         "Top-1 agreement with the final layer by depth", "top1", ylim=(-0.03, 1.03))
 
 
+def chart_copy(results: dict) -> str | None:
+    """Copy collapse: per layer, the fraction of positions whose top-1 is the input token there."""
+    return _depth_chart(results, "copy_rate", "top-1 = the input token (fraction)",
+                        "Copy collapse: the lens predicts the token it reads", "copy", ylim=(-0.03, 1.03))
+
+
+def chart_decision_depth(results: dict) -> str | None:
+    """Histograms of decision depth (the first layer from which the final top-1 stays top-1, and
+    stays in the top 10), first token and teacher-forced, with the exits marked."""
+    ft, tf = _lens(results, "first_token"), _lens(results, "teacher_forced")
+    kinds = [k for k in ("top1", "top10") if isinstance((tf.get("decision_depth") or {}).get(k), dict)
+             or isinstance((ft.get("decision_depth") or {}).get(k), dict)]
+    if not kinds:
+        return None
+    name = "decision"
+    title = f"Decision depth: where each prediction is settled ({DEPTH_NOTE})"
+    with _style(name):
+        fig = _figure(10.0, 3.6)
+        axes = fig.subplots(1, len(kinds), squeeze=False)[0]
+        for ax, kind in zip(axes, kinds):
+            drawn = False
+            for sec, color, label, dx in ((ft, BLUE, "first response token", -0.2),
+                                          (tf, ORANGE, "teacher-forced positions", 0.2)):
+                d = (sec.get("decision_depth") or {}).get(kind)
+                if not isinstance(d, dict) or not d.get("counts"):
+                    continue
+                counts = _floats(d["counts"])
+                total = sum(c for c in counts if not math.isnan(c))
+                if not total:
+                    continue
+                xs = [i + dx for i in range(len(counts))]
+                mean = _num_text(d.get("mean"))
+                ax.bar(xs, [c / total for c in counts], width=0.4, color=color, label=_label(f"{label} (mean {mean})"))
+                drawn = True
+            if not drawn:
+                ax.set_visible(False)
+                continue
+            _mark_exits(ax, results["run"]["exit_layers"])
+            _depth_axes(ax, "fraction decided at this layer")
+            what = "stays top-1" if kind == "top1" else "stays in the top 10"
+            ax.set_title(_label(f"first layer from which the final top-1 {what}"))
+            ax.legend(loc="upper left")
+        fig.suptitle(_label(title), fontsize=10)
+        return _svg(fig, name, title)
+
+
+def _num_text(v: Any) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):.2f}"
+
+
 # --------------------------------------------------------------------------- (e) metrics
 
 METRIC_SERIES = (("rougeL", "ROUGE-L", GREEN), ("rougeLsum", "ROUGE-Lsum", SKY),

@@ -30,6 +30,7 @@ DEFAULT_LIMIT = 20
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_TEACHER_FORCED_TOKENS = 32
 DEFAULT_BATCH_SIZE = 20
+DEFAULT_DRAFT_TOKENS = 4  # γ of the speculative-acceptance forecast
 DEFAULT_BERTSCORE = "default"
 DEFAULT_REPORT = "reports/report.html"
 DEFAULT_RESULTS = "reports/results.json"
@@ -49,6 +50,11 @@ DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
     "kl_to_final": (0.05, 0.05),
     "xent": (0.05, 0.02),
     "top1_agree": (0.03, 0.0),
+    # fractions of rows / positions, as top1_agree: the decision-depth curves (fraction decided by
+    # each layer) and each exit's speculative acceptance rate α
+    "decided_top1": (0.03, 0.0),
+    "decided_top10": (0.03, 0.0),
+    "accept_rate": (0.03, 0.0),
 }
 
 
@@ -162,6 +168,7 @@ class RunConfig(LoadConfig):
     drift_revision: str | None = None  # the reference's own revision (two revisions of one hub repo)
     drift_dtype: str | None = None  # the reference's dtype (default: --dtype)
     drift_quantization: Quantization | None = None  # the reference's quantization (default: none)
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS  # γ: draft length of the speculative-acceptance forecast
 
     def validate(self) -> None:
         super().validate()
@@ -174,6 +181,9 @@ class RunConfig(LoadConfig):
             raise ConfigError(f"--teacher-forced-tokens must be at least 1, got {self.teacher_forced_tokens!r}", "pass a positive number")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size!r}", "pass a positive number of rows per batch")
+        if isinstance(self.draft_tokens, bool) or not isinstance(self.draft_tokens, int) or self.draft_tokens < 1:
+            raise ConfigError(f"--draft-tokens must be at least 1, got {self.draft_tokens!r}",
+                              "pass the number of tokens a draft proposes per step, e.g. 4")
         if self.exit_layers is not None:
             check_exit_syntax(self.exit_layers)
         if self.drift_dtype is not None and self.drift_dtype not in DTYPES:
@@ -519,6 +529,7 @@ def from_options(values: dict[str, Any], base: Path, project_root: Path | None =
         teacher_forced_tokens=o["teacher-forced-tokens"], drift_against=_opt_str(o["drift-against"]),
         drift_revision=_opt_str(o["drift-revision"]), drift_dtype=o["drift-dtype"],
         drift_quantization=_drift_quant(o),
+        draft_tokens=o["draft-tokens"],
     )
     run.validate()
 

@@ -47,3 +47,7 @@ class OutputError(ConfigError):
 
 class TunedLensError(LayerwiseError):
     """A tuned-lens folder is missing, corrupt, or was trained for another model."""
+
+
+class ProbeError(LayerwiseError):
+    """A prompt, layer or token given to the ``logit_lens`` fixture (layerwise.probe) cannot be used."""

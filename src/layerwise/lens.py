@@ -47,6 +47,7 @@ class LayerStats:
     xent_raw: torch.Tensor | None
     topk_ids: torch.Tensor | None  # (L+1, N, k)
     topk_probs: torch.Tensor | None
+    top1_ids: torch.Tensor | None = None  # (L+1, N): each layer's most likely token (long)
 
 
 def layer_stats(
@@ -80,6 +81,7 @@ def layer_stats(
         if want_xent:
             out["xent_raw"] = torch.full((L + 1, n), nan)
     topk_ids = torch.zeros(L + 1, n, top_k, dtype=torch.long) if top_k else None
+    top1_ids = torch.zeros(L + 1, n, dtype=torch.long)
     topk_probs = torch.zeros(L + 1, n, top_k) if top_k else None
     jobs = [(k, True) for k in range(L)] + ([(k, False) for k in range(L)] if raw else [])
     chunk = max(1, min(n, rows_per_matmul))
@@ -117,7 +119,9 @@ def layer_stats(
                     torch.sub(logpf, logp, out=scratch).mul_(pf)
                     out["kl_to_final"][k, s:e] = scratch.sum(-1, dtype=torch.float64).float().cpu()
                 # ranks by log-probability = ranks by logit
-                out["top1_agree"][k, s:e] = (logp.argmax(-1) == top1_f).float().cpu()
+                top1 = logp.argmax(-1)
+                top1_ids[k, s:e] = top1.cpu()
+                out["top1_agree"][k, s:e] = (top1 == top1_f).float().cpu()
                 ref = logp.gather(-1, top1_f.unsqueeze(-1))
                 out["final_top1_rank"][k, s:e] = torch.count_nonzero(logp > ref, dim=-1).float().cpu()
                 if top_k:
@@ -150,6 +154,7 @@ def layer_stats(
         xent_raw=out.get("xent_raw"),
         topk_ids=topk_ids,
         topk_probs=topk_probs,
+        top1_ids=top1_ids,
     )
 
 
@@ -318,7 +323,8 @@ def concat_stats(parts: list[LayerStats]) -> LayerStats:
     if len(parts) == 1:
         return parts[0]
     fields = {}
-    for name in ("entropy", "kl_to_final", "top1_agree", "final_top1_rank", "xent", "entropy_raw", "xent_raw", "topk_ids", "topk_probs"):
+    for name in ("entropy", "kl_to_final", "top1_agree", "final_top1_rank", "xent", "entropy_raw", "xent_raw", "topk_ids", "topk_probs",
+                 "top1_ids"):
         vals = [getattr(p, name) for p in parts]
         fields[name] = None if vals[0] is None else torch.cat(vals, dim=1)
     return LayerStats(**fields)

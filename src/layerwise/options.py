@@ -96,6 +96,9 @@ OPTIONS: tuple[Option, ...] = (
            "roberta-large, or a local folder", C.DEFAULT_BERTSCORE),
     Option("bertscore-num-layers", "which layer of the BERTScore model to compare (default: bert-score's tuned "
            "layer for a table name, the last layer for a folder)", None, "int"),
+    Option("draft-tokens", "γ of the self-speculative decoding forecast: tokens each exit layer drafts per "
+           "full-model forward (the report shows the expected tokens per forward at each exit)",
+           C.DEFAULT_DRAFT_TOKENS, "int"),
     Option("drift-against", "a reference model (same tokenizer and depth): record per-layer KL(reference ‖ "
            "this model), e.g. the fp32 original of a quantized model, or the previous revision"),
     Option("drift-revision", "the reference model's hub revision (e.g. the release you upgrade from)"),

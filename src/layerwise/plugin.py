@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 
-from .errors import LayerwiseError
+from .errors import LayerwiseError, ProbeError
 from .options import add_pytest_options
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -95,7 +95,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 #: Fixtures that need the model or its results: tests using them share one xdist worker.
 MODEL_FIXTURES = frozenset({"layerwise", "layerwise_model", "layerwise_results", "layer_lens", "early_exit_generations",
-                            "exit_metrics", "layerwise_baseline"})
+                            "exit_metrics", "layerwise_baseline", "logit_lens"})
 XDIST_GROUP = "layerwise"
 
 
@@ -212,6 +212,25 @@ def early_exit_generations(layerwise_results: dict[str, Any]) -> dict[int, list[
 def exit_metrics(layerwise_results: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """``{exit layer: {"bleu", "rougeL", "bertscore_f1", "mean_len", "empty", ...}}``."""
     return {e["layer"]: e for e in layerwise_results["exits"]}
+
+
+@pytest.fixture(scope="session")
+def logit_lens(layerwise_model: Any) -> Any:
+    """The logit lens on a prompt of your own (:class:`layerwise.probe.Probe`):
+    ``lens = logit_lens("The capital of France is")``, then ``lens.top(layer)``,
+    ``lens.prob(layer, " Paris")``, ``lens.rank(…)``, ``lens.entropy(layer)``,
+    ``lens.first_layer(" Paris", rank=1)``. Needs only the model; cached per prompt."""
+    from .probe import Probe
+
+    return Probe(layerwise_model)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    """A test that passed ``logit_lens`` a bad token, layer or prompt fails with that one line."""
+    outcome = yield
+    if call.excinfo is not None and call.excinfo.errisinstance(ProbeError):
+        outcome.get_result().longrepr = f"layerwise: {call.excinfo.value}"
 
 
 @pytest.fixture(scope="session")

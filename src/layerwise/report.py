@@ -137,6 +137,8 @@ def _depth_table(results: dict) -> dict[str, Any] | None:
         ("top-1 agree, teacher-forced", tf.get("top1_agree"), 2),
         ("cross-entropy of true token", (tf.get("xent") or {}).get("mean"), 2),
         ("cross-entropy without norm", (tf.get("xent_raw") or {}).get("mean"), 2),
+        ("decided (top-1), teacher-forced", tf.get("decided_top1"), 2),
+        ("copy rate, teacher-forced", tf.get("copy_rate"), 3),
     ]
     cols = [c for c in cols if isinstance(c[1], list) and c[1]]
     if not cols:
@@ -234,6 +236,29 @@ def _examples(results: dict) -> list[dict[str, Any]]:
     return out
 
 
+def _forecast(results: dict, baseline: dict | None) -> dict[str, Any] | None:
+    """The self-speculative decoding forecast per exit (run.speculative; α and E in each exit)."""
+    spec = results["run"].get("speculative")
+    if not spec:
+        return None
+    if spec.get("skipped"):
+        return {"gamma": spec["gamma"], "skipped": spec["skipped"], "rows": []}
+    L = results["run"]["model"]["num_layers"]
+    base = {layer_key(e.get("layer")): e for e in (baseline or {}).get("exits") or [] if isinstance(e, dict)}
+    rows = []
+    for e in sorted(results["exits"], key=lambda e: e["layer"]):
+        a, big_e = num(e.get("accept_rate")), num(e.get("accept_tokens"))
+        if a is None:
+            continue
+        k, g = e["layer"], spec["gamma"]
+        speedup = None if big_e is None or k == L else big_e / (g * k / L + 1)
+        b = base.get(k) or {}
+        rows.append({"layer": k, "final": k == L, "alpha": delta_cell(a, b.get("accept_rate") if baseline else None, 3, +1),
+                     "expected": fmt(big_e, 2), "speedup": fmt(speedup, 2)})
+    return {"gamma": spec["gamma"], "positions": spec.get("positions"),
+            "matches": fmt(spec.get("final_matches_text"), 4), "rows": rows, "skipped": None}
+
+
 def check_results(results: Any, what: str) -> None:
     """Results read by a page must match the contract (one line naming the first problem)."""
     validate_results(results, what)
@@ -308,9 +333,18 @@ def build_report_context(results: dict, baseline: dict | None = None, baseline_n
             {"id": "top1", "title": "Top-1 agreement with the final layer", "svg": svg(charts.chart_top1(results)),
              "caption": "Fraction of rows (first token) or positions (teacher-forced) where the layer's most "
                         "likely token equals the final layer's."},
+            {"id": "decision", "title": "Decision depth", "svg": svg(charts.chart_decision_depth(results)),
+             "caption": "For each row (first token) or position (teacher-forced): the first layer from which the "
+                        "final layer's top-1 token stays top-1 at every deeper layer (left), or stays within the "
+                        "top 10 (right). Bars are the fraction decided at each layer; dotted verticals mark the "
+                        "exit layers, so the mass left of an exit is what that exit already gets right for good."},
+            {"id": "copy", "title": "Copy collapse", "svg": svg(charts.chart_copy(results)),
+             "caption": "Fraction of rows or positions whose lens top-1 token is the input token at that position: "
+                        "a layer that 'predicts' a repeat of what it reads."},
         ) if c["svg"] is not None],
         "metrics_chart": svg(charts.chart_metrics(results)),
         "drift": _drift_context(results),
+        "forecast": _forecast(results, baseline),
         "grid": None if grid is None else {"svg": svg(grid[0]), "note": grid[1],
                                            "row": results["lens"].get("grid", {}).get("row")},
         "examples": _examples(results),

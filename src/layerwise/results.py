@@ -71,6 +71,16 @@ class MetricsInfo(TypedDict):
     bertscore: dict[str, Any] | None
 
 
+class Speculative(TypedDict, total=False):
+    """The self-speculative decoding forecast (layerwise.speculative): teacher-forced on the final
+    exit's own greedy generation; each exit's α and E are in ``exits``."""
+
+    gamma: Required[int]  # draft length γ (--draft-tokens)
+    positions: int  # generated positions the acceptance rates are over
+    final_matches_text: Num  # fraction of them whose full-model argmax is the generated token (≈ 1)
+    skipped: str  # why there is no forecast (no final exit, or sampling)
+
+
 class RunInfo(TypedDict, total=False):
     id: str
     model: Required[ModelInfo]
@@ -82,6 +92,7 @@ class RunInfo(TypedDict, total=False):
     metrics: Required[MetricsInfo]
     versions: Required[dict[str, str]]
     environment: dict[str, Any]
+    speculative: Speculative
 
 
 class Band(TypedDict):
@@ -97,6 +108,20 @@ class Rank(TypedDict):
     median: list[Num]
 
 
+class DepthDistribution(TypedDict):
+    """Decision depths over a section's rows or positions (layerwise.milestones)."""
+
+    mean: Num
+    median: Num
+    counts: list[int]  # [layer]: how many are decided at that layer
+    decided: list[Num]  # [layer]: the fraction decided at or before that layer
+
+
+class DecisionDepth(TypedDict):
+    top1: DepthDistribution  # the first layer from which the final top-1 stays top-1
+    top10: DepthDistribution  # the first layer from which it stays within the top 10
+
+
 class LensSection(TypedDict, total=False):
     entropy: Required[Band]
     kl_to_final: Required[Band]
@@ -107,6 +132,10 @@ class LensSection(TypedDict, total=False):
     xent_raw: Band
     rows: int  # first_token: rows
     positions: int  # teacher_forced: positions pooled
+    decision_depth: DecisionDepth
+    decided_top1: list[Num]  # = decision_depth.top1.decided (a gated curve)
+    decided_top10: list[Num]  # = decision_depth.top10.decided (a gated curve)
+    copy_rate: list[Num]  # copy collapse: fraction whose top-1 is the input token at that position
 
 
 class TopToken(TypedDict):
@@ -167,12 +196,15 @@ class ExitRow(TypedDict, total=False):
     empty: Required[int]
     first_entropy: Required[Num]
     gen_entropy: Num
+    accept_rate: Num  # α: self-speculative acceptance rate of this exit as the draft (run.speculative)
+    accept_tokens: Num  # E = (1 − α^(γ+1)) / (1 − α): expected tokens per full-model forward
 
 
 class RowScores(TypedDict, total=False):
     bleu: Num
     rougeL: Num
     bertscore_f1: Num
+    accept_rate: Num  # this row's α (run.speculative)
 
 
 class TokenPrint(TypedDict):
@@ -293,6 +325,10 @@ def _shape(data: Results) -> str | None:
                 if isinstance(curve, list) and len(curve) != L + 1:
                     name = f"lens.{sec_name}.{stat}" + (f".{part}" if part else "")
                     return f"{name}: {len(curve)} values for {L + 1} layers"
+        for kind, dist in (sec.get("decision_depth") or {}).items():
+            for part in ("counts", "decided"):
+                if len(dist[part]) != L + 1:
+                    return f"lens.{sec_name}.decision_depth.{kind}.{part}: {len(dist[part])} values for {L + 1} layers"
     for e in data["exits"]:
         if not 1 <= e["layer"] <= L:
             return f"exits: layer {e['layer']} is outside 1..{L}"

@@ -229,6 +229,8 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
     from .families import check_early_exit
     from .lens import lens_results
     from .metrics import Scorer
+    from .milestones import milestones
+    from .speculative import attach, forecast_phase, forecast_section
     from .results import assemble
 
     prog = progress or (Progress("lines", write=log) if log else SILENT)
@@ -276,6 +278,11 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
         sw.stats, sw.first_stats, sw.counts, rows=len(examples), exits=exits,
         example_rows=[ex.index for ex in examples[: config.examples]], token_text=lambda t: _token_text(tok, t),
         grid=None if sw.grid_stats is None else (sw.grid_stats, examples[0].index, sw.grid_inputs))
+    milestones(lens, sw.stats, sw.first_stats, enc.prompt_ids, enc.ref_ids, sw.counts)
+    t5 = time.perf_counter()
+    forecast, no_forecast = forecast_phase(bundle, enc.prompt_ids, sw.tokens, exits, config, prog)
+    if forecast is not None:
+        timing["forecast_s"] = round(time.perf_counter() - t5, 3)
 
     if config.drift_against:
         from .drift import layer_drift
@@ -313,6 +320,8 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
     rows = [_row(ex, enc.prompts[i], {e: texts[e][i] for e in exits}, {e: kept[e][i] for e in exits},
                  {e: sw.tokens[e][i] for e in exits}, {e: scores[e]["rows"][i] for e in exits})
             for i, ex in enumerate(examples)]
+    if forecast is not None:
+        attach(forecast, exit_rows, rows)
     run: dict[str, Any] = {
         "model": {k: v for k, v in bundle.info.items() if k != "load_s"},
         "data": {"path": _display_path(data_path), "sha256": examples.sha256, "rows": len(examples),
@@ -323,6 +332,7 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
         "metrics": scorer.describe(),
         "versions": _versions(),
         "environment": _environment(bundle),
+        "speculative": forecast_section(forecast, config.draft_tokens, no_forecast),
     }
     if exit_spec:
         run["exit_spec"] = exit_spec
