@@ -192,6 +192,9 @@ def _ini_values(tmp: Path) -> tuple[dict[str, str], dict[str, object]]:
     (tmp / "p.jsonl").write_text('{"instruction": "Say hi.", "input": "", "output": "Hi."}\n')
     (tmp / "b.json").write_text(json.dumps(MINIMAL_BASELINE))
     shutil.copy(ROOT / "tests" / "data" / "results_tiny.json", tmp / "r_in.json")
+    from layerwise.tuned import TunedLens
+
+    TunedLens(2, 4).save(tmp / "lens")  # a whole lens folder
     table = {
         "model": ("some-org/some-model", "some-org/some-model"),
         "dtype": ("bfloat16", "bfloat16"),
@@ -245,6 +248,9 @@ def _ini_values(tmp: Path) -> tuple[dict[str, str], dict[str, object]]:
         "max-drift-kl": ("0.5", 0.5),
         "cache-results": ("true", True),
         "results": ("r_in.json", str(tmp / "r_in.json")),
+        "lens": ("logit, tuned:lens", f"logit,tuned:{tmp / 'lens'}"),  # a relative path: from the ini's folder
+        "tuned-exits": ("on", True),
+        "trend-lens": ("logit", "logit"),  # the default: "tuned" needs a results file (r_in.json) with a tuned lens
     }
     names = {o.name for o in OPTIONS}
     # options added after this test was written are left at their defaults here
