@@ -192,6 +192,9 @@ def _ini_values(tmp: Path) -> tuple[dict[str, str], dict[str, object]]:
     (tmp / "p.jsonl").write_text('{"instruction": "Say hi.", "input": "", "output": "Hi."}\n')
     (tmp / "b.json").write_text(json.dumps(MINIMAL_BASELINE))
     shutil.copy(ROOT / "tests" / "data" / "results_tiny.json", tmp / "r_in.json")
+    from layerwise.tuned import TunedLens
+
+    TunedLens(2, 4).save(tmp / "lens")  # a whole lens folder
     table = {
         "model": ("some-org/some-model", "some-org/some-model"),
         "dtype": ("bfloat16", "bfloat16"),
@@ -246,6 +249,9 @@ def _ini_values(tmp: Path) -> tuple[dict[str, str], dict[str, object]]:
         "cache-results": ("true", True),
         "results": ("r_in.json", str(tmp / "r_in.json")),
         "draft-tokens": ("6", 6),
+        "lens": ("logit, tuned:lens", f"logit,tuned:{tmp / 'lens'}"),  # a relative path: from the ini's folder
+        "tuned-exits": ("on", True),
+        "trend-lens": ("logit", "logit"),  # the default: "tuned" needs a results file (r_in.json) with a tuned lens
     }
     names = {o.name for o in OPTIONS}
     # options added after this test was written are left at their defaults here
@@ -533,7 +539,9 @@ def test_baseline_update_compare_refuse(pytester, tiny_llama_dir, tiny_llama_oth
 def test_tolerance_option_reaches_the_gate(pytester, tiny_llama_dir, tiny_llama_other_dir):
     shutil.copy(ROOT / "layer_tests" / "test_baseline.py", pytester.path / "test_baseline.py")
     pytester.runpytest(*tiny(tiny_llama_dir, "--update-baseline", "--baseline", "b.json")).assert_outcomes(skipped=1)
-    loose = ",".join(f"{m}=1000:0" for m in ("bleu", "rougeL", "bertscore_f1", "entropy", "kl_to_final", "xent", "top1_agree"))
+    from layerwise.config import DEFAULT_TOLERANCES
+
+    loose = ",".join(f"{m}=1000:0" for m in DEFAULT_TOLERANCES)
     pytester.runpytest(*tiny(tiny_llama_other_dir, "--baseline", "b.json", "--tolerance", loose)).assert_outcomes(passed=1)
 
 

@@ -12,8 +12,11 @@ by position and layer by layer, with two computations that share none of that co
   dependencies — wandb, datasets, torchdata, plotly — are not needed for the lens): its logits
   for layers 0..L-1 (layer L: the model's logits, as tuned-lens takes them), statistics in float64.
 
-Entropy and cross-entropy agree within 1e-5 nats, KL within 1e-5 relative (1e-5 × max(KL, 1)
-nats), and every top-1 token is equal.
+Both references start from Hugging Face's hidden states of each row alone, and so do we
+(``layer_stats`` on those states): entropy and cross-entropy agree within 1e-5 nats, KL within 1e-5
+relative (1e-5 × max(KL, 1) nats), and every top-1 token is equal — against a float64 head, beyond
+what the float32 head itself moves the numbers. The runner's packed, left-padded forward is then
+compared with the rows alone (float32 rounding of a differently batched forward, ≤ 1e-4).
 """
 
 from __future__ import annotations
@@ -81,39 +84,83 @@ def hf_hidden(bundle, prompt: list[int], ref: list[int]) -> tuple[tuple[torch.Te
     return out.hidden_states, out.logits[0], slice(S - 1, S - 1 + len(ref))
 
 
-def assert_agree(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> dict[str, float]:
+def assert_agree(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str,
+                 tol: torch.Tensor | float = TOL) -> dict[str, float]:
+    """Entropy and cross-entropy within ``tol`` nats (a number, or one per layer), KL within
+    ``tol`` relative (× max(KL, 1) nats), every top-1 equal."""
+    tol = torch.as_tensor(tol, dtype=torch.float64).reshape(-1, 1)  # (layers or 1, 1)
     worst = {}
     for name in ("entropy", "xent"):
-        d = float((got[name].double() - want[name]).abs().max())
-        assert d <= TOL, f"{what}: {name} differs by {d:.3g} nats"
-        worst[name] = d
+        diff = (got[name].double() - want[name]).abs()
+        over = diff - tol
+        at = divmod(int(over.argmax()), diff.shape[1])
+        assert float(over.max()) <= 0, (f"{what}: {name} differs by {float(diff[at]):.3g} nats at (layer, position) "
+                                        f"{at}, allowed {float(tol[min(at[0], len(tol) - 1)]):.3g}")
+        worst[name] = float(diff.max())
     kl_err = (got["kl_to_final"].double() - want["kl_to_final"]).abs() / want["kl_to_final"].abs().clamp(min=1.0)
     worst["kl_rel"] = float(kl_err.max())
-    assert worst["kl_rel"] <= TOL, f"{what}: KL differs by {worst['kl_rel']:.3g} relative"
+    assert float((kl_err - tol).max()) <= 0, f"{what}: KL differs by {worst['kl_rel']:.3g} relative"
     flips = (got["top1"] != want["top1"]).nonzero().tolist()
     assert not flips, f"{what}: top-1 differs at (layer, position) {flips[:5]}"
     return worst
 
 
-def test_lens_statistics_equal_a_float64_computation(default_bundle, rows, ours):
+def ours_alone(bundle, p: list[int], r: list[int]) -> tuple[dict[str, torch.Tensor], tuple, torch.Tensor, slice]:
+    """Our statistics (``layer_stats``) of one row from Hugging Face's own hidden states of that row
+    alone: the same float32 numbers the references start from, so only the statistics differ."""
+    hidden, logits, win = hf_hidden(bundle, p, r)
+    st = layer_stats(bundle.adapter, {k: h[0, win] for k, h in enumerate(hidden)}, torch.tensor(r))
+    got = {name: getattr(st, name) for name in ("entropy", "xent", "kl_to_final")} | {"top1": st.top1_ids}
+    return got, hidden, logits, win
+
+
+def test_lens_statistics_equal_a_float64_computation(default_bundle, rows):
+    """Our statistics against the textbook in float64 — (1) from the model's own float32 norm and
+    head: within 1e-5; (2) with norm and head in float64 as well: within 1e-5 beyond what the
+    float32 head itself moves the number (measured here as |(1) − (2)| per layer: layer 0 of the
+    default model has logits up to ~176, one float32 ulp = 1.5e-5, and its float32 head alone moves
+    the cross-entropy by up to ~5e-5)."""
     bundle = default_bundle
     L = bundle.num_layers
-    norm = copy.deepcopy(bundle.adapter.final_norm).double()
-    head = copy.deepcopy(bundle.model.get_output_embeddings()).double()
+    norm32, head32 = bundle.adapter.final_norm, bundle.model.get_output_embeddings()
+    norm, head = copy.deepcopy(norm32).double(), copy.deepcopy(head32).double()
+    prompts, refs = rows
+    worst32: dict[str, float] = {}
+    worst: dict[str, float] = {}
+    head_effect = torch.zeros(L + 1, dtype=torch.float64)
+    for i, (p, r) in enumerate(zip(prompts, refs)):
+        got, hidden, _logits, win = ours_alone(bundle, p, r)
+        with torch.inference_mode():
+            # hidden_states[k], k < L, is layer k; hidden_states[L] already went through the final norm
+            logits32 = [head32(norm32(hidden[k][0, win])) for k in range(L)] + [head32(hidden[L][0, win])]
+            logits = [head(norm(hidden[k][0, win].double())) for k in range(L)] + [head(hidden[L][0, win].double())]
+        want32, want = stats64(logits32, torch.tensor(r)), stats64(logits, torch.tensor(r))
+        effect = torch.stack([(want32[n] - want[n]).abs().amax(1) for n in ("entropy", "xent")]).amax(0)
+        head_effect = torch.maximum(head_effect, effect)
+        for k, v in assert_agree(got, want32, f"row {i}, float32 head").items():
+            worst32[k] = max(worst32.get(k, 0.0), v)
+        for k, v in assert_agree(got, want, f"row {i}, float64 head", tol=TOL + effect).items():
+            worst[k] = max(worst.get(k, 0.0), v)
+    n = sum(map(len, refs))
+    print(f"\nlargest differences over {n} positions × {L + 1} layers: from float64 statistics of the float32 "
+          f"head {worst32}; from a float64 head {worst} (the float32 head alone moves entropy/xent by up to "
+          f"{float(head_effect.max()):.2g}, at layer {int(head_effect.argmax())})")
+
+
+def test_the_runners_packed_path_equals_each_row_alone(default_bundle, rows, ours):
+    """The runner packs rows left-padded into one forward; the same statistics from each row alone
+    differ only by float32 rounding of a differently batched forward (≤ 1e-4 nats; top-1 equal)."""
     prompts, refs = rows
     worst: dict[str, float] = {}
     for i, (p, r) in enumerate(zip(prompts, refs)):
-        hidden, _logits, win = hf_hidden(bundle, p, r)
-        with torch.inference_mode():
-            # hidden_states[k], k < L, is layer k; hidden_states[L] already went through the final norm
-            logits = [head(norm(hidden[k][0, win].double())) for k in range(L)] + [head(hidden[L][0, win].double())]
-        want = stats64(logits, torch.tensor(r))
-        for k, v in assert_agree(ours[i], want, f"row {i}").items():
+        got, *_ = ours_alone(default_bundle, p, r)
+        want = {k: v.double() for k, v in got.items() if k != "top1"} | {"top1": got["top1"]}
+        for k, v in assert_agree(ours[i], want, f"row {i}, packed vs alone", tol=1e-4).items():
             worst[k] = max(worst.get(k, 0.0), v)
-    print(f"largest differences from float64 over {sum(map(len, refs))} positions × {L + 1} layers: {worst}")
+    print(f"\nlargest differences, packed vs alone: {worst}")
 
 
-def test_lens_statistics_equal_tuned_lens_logit_lens(default_bundle, rows, ours):
+def test_lens_statistics_equal_tuned_lens_logit_lens(default_bundle, rows):
     pytest.importorskip("tuned_lens", reason="tuned-lens is installed --no-deps by scripts/setup.sh")
     from tuned_lens.nn import LogitLens
 
@@ -123,10 +170,10 @@ def test_lens_statistics_equal_tuned_lens_logit_lens(default_bundle, rows, ours)
     prompts, refs = rows
     worst: dict[str, float] = {}
     for i, (p, r) in enumerate(zip(prompts, refs)):
-        hidden, model_logits, win = hf_hidden(bundle, p, r)
+        got, hidden, model_logits, win = ours_alone(bundle, p, r)
         with torch.inference_mode():
             logits = [lens(hidden[k][0, win], idx=k) for k in range(L)] + [model_logits[win]]
         want = stats64(logits, torch.tensor(r))
-        for k, v in assert_agree(ours[i], want, f"row {i} (tuned-lens)").items():
+        for k, v in assert_agree(got, want, f"row {i} (tuned-lens)").items():
             worst[k] = max(worst.get(k, 0.0), v)
-    print(f"largest differences from tuned-lens's LogitLens: {worst}")
+    print(f"\nlargest differences from tuned-lens's LogitLens: {worst}")

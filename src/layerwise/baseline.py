@@ -146,7 +146,7 @@ def made_with(results: dict[str, Any]) -> dict[str, Any]:
     env = run.get("environment") or {}
     versions = run.get("versions") or {}
     adapter = m.get("adapter")
-    return {
+    out = {
         "device": m.get("device"),
         "gpu": env.get("gpu"),
         "dtype": m.get("dtype"),
@@ -154,6 +154,13 @@ def made_with(results: dict[str, Any]) -> dict[str, Any]:
         "adapter": adapter.get("sha256") if isinstance(adapter, dict) else None,
         "versions": {k: versions[k] for k in MADE_WITH_VERSIONS if k in versions},
     }
+    # The tuned lens (--lens logit,tuned:PATH) is recorded, not part of the identity and not warned
+    # about: no gated number (logit-lens curves, plain exits) depends on it; the record says which
+    # translators the run's tuned numbers beside them came from.
+    tuned = (run.get("lens") or {}).get("tuned")
+    if isinstance(tuned, dict):
+        out["tuned_lens"] = tuned.get("sha256")
+    return out
 
 
 def tracked_curves(results: dict[str, Any]) -> dict[str, list[float | None]]:

@@ -169,14 +169,14 @@ def _mark_exits(ax, exit_layers: Sequence[int]) -> None:
         ax.axvline(k, color=GREY, lw=0.8, ls=":", zorder=0)
 
 
-def _plot_band(ax, x, stats, color, label, ls="-") -> bool:
+def _plot_band(ax, x, stats, color, label, ls="-", band: bool = True) -> bool:
     b = _band(stats)
     if b is None:
         return False
     mean, q25, q75 = b
     xs = x[: len(mean)]
     ax.plot(xs, mean[: len(xs)], color=color, lw=1.8, ls=ls, marker="o", ms=3, label=label)
-    if q25 is not None and q75 is not None:
+    if band and q25 is not None and q75 is not None:
         ax.fill_between(xs, q25[: len(xs)], q75[: len(xs)], color=color, alpha=0.18, lw=0)
     return True
 
@@ -191,8 +191,9 @@ def _depth_axes(ax, ylabel: str) -> None:
 
 # --------------------------------------------------------------------------- (a) examples
 
-def chart_example(example: dict, caption: str = "", index: int = 0) -> str | None:
-    """The original study's chart for one row: top-k of the first response token per exit layer."""
+def chart_example(example: dict, caption: str = "", index: int = 0, lens: str = "logit") -> str | None:
+    """The original study's chart for one row: top-k of the first response token per exit layer,
+    read through the logit lens (or, ``lens="tuned"``, through the tuned lens)."""
     top = example.get("top") if isinstance(example, dict) else None
     if not isinstance(top, dict) or not top:
         return None
@@ -203,7 +204,7 @@ def chart_example(example: dict, caption: str = "", index: int = 0) -> str | Non
     ncols = min(len(keys), 4)
     nrows = math.ceil(len(keys) / ncols)
     kmax = max(len(top[k]) for k in keys)
-    name = f"example-{index}"
+    name = f"example-{index}" if lens == "logit" else f"example-{lens}-{index}"
     with _style(name):
         fig = _figure(2.9 * ncols + 0.4, (0.22 * kmax + 0.9) * nrows + 0.5)
         axes = fig.subplots(nrows, ncols, squeeze=False)
@@ -216,7 +217,7 @@ def chart_example(example: dict, caption: str = "", index: int = 0) -> str | Non
             probs = [float(e.get("prob") or 0.0) for e in entries]
             labels = [token_label(e.get("token")) for e in entries]
             y = list(range(len(entries)))
-            ax.barh(y, probs, color=BLUE, height=0.7)
+            ax.barh(y, probs, color=BLUE if lens == "logit" else GREEN, height=0.7)
             ax.set_yticks(y, labels=labels)
             ax.invert_yaxis()
             ax.set_xlim(0, 1)
@@ -230,7 +231,7 @@ def chart_example(example: dict, caption: str = "", index: int = 0) -> str | Non
             if i // ncols == nrows - 1:
                 ax.set_xlabel("probability")
         row = example.get("row")
-        title = f"Row {row}: first response token, top-{kmax} at each exit layer ({DEPTH_NOTE})"
+        title = f"Row {row}: first response token, top-{kmax} at each exit layer, {lens} lens ({DEPTH_NOTE})"
         fig.suptitle(_label(title), fontsize=10)
         return _svg(fig, name, title + (f" — {caption}" if caption else ""))
 
@@ -256,24 +257,30 @@ def _depth_chart(results: dict, key: str, ylabel: str, title: str, name: str,
                  ylim: tuple[float, float] | None = None, symlog_if_wide: bool = False) -> str | None:
     ft, tf = _lens(results, "first_token"), _lens(results, "teacher_forced")
     exits = results["run"]["exit_layers"]
-    series = [(ft.get(key), BLUE, "first response token (last prompt position)"),
-              (tf.get(key), ORANGE, f"teacher-forced reference tokens ({tf.get('positions', '?')} positions)")]
-    if not any(_band(s) is not None or (isinstance(s, list) and _has_values(s)) for s, _, _ in series):
+    tuned = _lens(results, "tuned")
+    both = bool(tuned)
+    suffix = ", logit lens" if both else ""
+    series = [(ft.get(key), BLUE, f"first response token (last prompt position){suffix}", "-"),
+              (tf.get(key), ORANGE, f"teacher-forced reference tokens ({tf.get('positions', '?')} positions){suffix}", "-")]
+    if both:  # the same positions through the tuned lens: dashed, no band (the logit lens's band stays readable)
+        series += [((tuned.get("first_token") or {}).get(key), BLUE, "first response token, tuned lens", "--"),
+                   ((tuned.get("teacher_forced") or {}).get(key), ORANGE, "teacher-forced, tuned lens", "--")]
+    if not any(_band(s) is not None or (isinstance(s, list) and _has_values(s)) for s, _, _, _ in series):
         return None
     full_title = f"{title} ({DEPTH_NOTE})"
     with _style(name):
-        fig = _figure(8.0, 3.8)
+        fig = _figure(8.0, 3.8 if not both else 4.4)
         ax = fig.add_subplot()
-        for stats, color, label in series:
+        for stats, color, label, ls in series:
             if isinstance(stats, list):  # plain per-layer array (top-1 agreement)
                 vals = _floats(stats)
                 if _has_values(vals):
-                    ax.plot(_layers(results, len(vals)), vals, color=color, lw=1.8, marker="o", ms=3, label=label)
+                    ax.plot(_layers(results, len(vals)), vals, color=color, lw=1.8, ls=ls, marker="o", ms=3, label=label)
             elif isinstance(stats, dict):
                 n = len(stats.get("mean") or [])
-                _plot_band(ax, _layers(results, n), stats, color, label)
+                _plot_band(ax, _layers(results, n), stats, color, label, ls, band=ls == "-")
         _mark_exits(ax, exits)
-        if symlog_if_wide and _wide_range([s for s, _, _ in series]):
+        if symlog_if_wide and _wide_range([s for s, _, _, _ in series]):
             ax.set_yscale("symlog", linthresh=1.0)
             ax.set_ylim(bottom=0)
             ylabel += " — symlog scale"
@@ -413,7 +420,13 @@ def _metrics_figure(runs: list[tuple[list[dict], str, str]], name: str, title: s
 
 
 def chart_metrics(results: dict) -> str | None:
-    """(e) BLEU (own axis, 0–100) and ROUGE-L / ROUGE-Lsum / BERTScore F1 (0–1) by exit layer."""
+    """(e) BLEU (own axis, 0–100) and ROUGE-L / ROUGE-Lsum / BERTScore F1 (0–1) by exit layer;
+    with tuned exits, theirs dashed over the plain ones (solid)."""
+    tuned = results.get("tuned_exits")
+    if isinstance(tuned, list) and tuned:
+        return _metrics_figure([(results["exits"], "-", "plain exits (final norm + head)"),
+                                (tuned, "--", "tuned-lens exits (translator k first)")], "metrics",
+                               f"Generation quality by exit layer, plain and through the tuned lens ({DEPTH_NOTE})")
     return _metrics_figure([(results["exits"], "-", "this run")], "metrics",
                            f"Generation quality by exit layer ({DEPTH_NOTE})")
 

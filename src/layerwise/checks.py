@@ -69,8 +69,28 @@ def _fmt_curve(vals: Sequence[float | None], layers: Sequence[int]) -> str:
     return ", ".join(f"{k}:{v:.2f}" for k, v in zip(layers, vals) if v is not None)
 
 
-def entropy_trend(results: dict[str, Any], rho_max: float, final_max_frac: float) -> Check:
-    lens = results["lens"]["teacher_forced"]["entropy"]["mean"]
+def lens_of(results: dict[str, Any], lens: str = "logit") -> dict[str, Any]:
+    """The lens sections a trend reads: the logit lens's (``results["lens"]``), or with
+    ``lens="tuned"`` the tuned lens's (``results["lens"]["tuned"]``, same shape)."""
+    if lens == "logit":
+        return results["lens"]
+    if lens == "tuned":
+        tuned = results["lens"].get("tuned")
+        if tuned is None:
+            from .errors import ConfigError
+
+            raise ConfigError("--trend-lens tuned: these results have no tuned lens",
+                              "run with --lens logit,tuned:PATH, or pass --trend-lens logit")
+        return tuned
+    raise ValueError(f"unknown lens {lens!r}")
+
+
+def _named(lens: str) -> str:
+    return "" if lens == "logit" else f"{lens}-lens "
+
+
+def entropy_trend(results: dict[str, Any], rho_max: float, final_max_frac: float, lens_name: str = "logit") -> Check:
+    lens = lens_of(results, lens_name)["teacher_forced"]["entropy"]["mean"]
     L = len(lens) - 1
     V = results["run"]["model"]["vocab_size"]
     upto = math.ceil(3 * L / 4)
@@ -79,7 +99,7 @@ def entropy_trend(results: dict[str, Any], rho_max: float, final_max_frac: float
     rho = spearman(layers, vals)
     out = []
     if not rho <= rho_max:
-        out.append(f"teacher-forced lens entropy does not fall over layers 1..{upto}: Spearman ρ = {rho:.2f} "
+        out.append(f"teacher-forced {_named(lens_name)}lens entropy does not fall over layers 1..{upto}: Spearman ρ = {rho:.2f} "
                    f"(must be ≤ {rho_max}); mean entropy by layer {_fmt_curve(vals, layers)}")
     limit = final_max_frac * math.log(V)
     if not lens[L] <= limit:
@@ -88,8 +108,8 @@ def entropy_trend(results: dict[str, Any], rho_max: float, final_max_frac: float
     return Check(out, {"entropy_trend_rho": _round(rho), "final_entropy": _round(lens[L])})
 
 
-def kl_trend(results: dict[str, Any], rho_max: float) -> Check:
-    kl = results["lens"]["teacher_forced"]["kl_to_final"]["mean"]
+def kl_trend(results: dict[str, Any], rho_max: float, lens_name: str = "logit") -> Check:
+    kl = lens_of(results, lens_name)["teacher_forced"]["kl_to_final"]["mean"]
     L = len(kl) - 1
     out = []
     if abs(kl[L]) > 1e-6:
@@ -99,13 +119,13 @@ def kl_trend(results: dict[str, Any], rho_max: float) -> Check:
     vals = [kl[k] for k in layers]
     rho = spearman(layers, vals)
     if not rho <= rho_max:
-        out.append(f"KL to the final layer does not fall over the last third (layers {start}..{L}): Spearman ρ = "
+        out.append(f"{_named(lens_name)}KL to the final layer does not fall over the last third (layers {start}..{L}): Spearman ρ = "
                    f"{rho:.2f} (must be ≤ {rho_max}); mean KL by layer {_fmt_curve(vals, layers)}")
     return Check(out, {"kl_trend_rho": _round(rho), "kl_at_L": _round(kl[L])})
 
 
-def agreement_trend(results: dict[str, Any], rho_min: float) -> Check:
-    agree = results["lens"]["teacher_forced"]["top1_agree"]
+def agreement_trend(results: dict[str, Any], rho_min: float, lens_name: str = "logit") -> Check:
+    agree = lens_of(results, lens_name)["teacher_forced"]["top1_agree"]
     L = len(agree) - 1
     out = []
     if agree[L] != 1.0:
@@ -113,7 +133,7 @@ def agreement_trend(results: dict[str, Any], rho_min: float) -> Check:
     layers = list(range(L + 1))
     rho = spearman(layers, agree)
     if not rho >= rho_min:
-        out.append(f"top-1 agreement with the final layer does not rise with depth: Spearman ρ = {rho:.2f} "
+        out.append(f"{_named(lens_name)}top-1 agreement with the final layer does not rise with depth: Spearman ρ = {rho:.2f} "
                    f"(must be ≥ {rho_min}); agreement by layer {_fmt_curve(agree, layers)}")
     return Check(out, {"agreement_trend_rho": _round(rho)})
 

@@ -36,6 +36,9 @@ DEFAULT_REPORT = "reports/report.html"
 DEFAULT_RESULTS = "reports/results.json"
 #: Where a project keeps its baselines when ``--baseline`` is not given (relative to the rootdir).
 PROJECT_BASELINES = "baselines"
+#: The lenses a run can read layers through: the logit lens (always) and a trained tuned lens.
+LENSES = ("logit", "tuned")
+DEFAULT_LENS = "logit"
 SEED_MAX = 2**64 - 1
 
 # Gate tolerances: a number passes when it is within max(abs, rel × |baseline|). Greedy CPU runs
@@ -169,6 +172,8 @@ class RunConfig(LoadConfig):
     drift_dtype: str | None = None  # the reference's dtype (default: --dtype)
     drift_quantization: Quantization | None = None  # the reference's quantization (default: none)
     draft_tokens: int = DEFAULT_DRAFT_TOKENS  # γ: draft length of the speculative-acceptance forecast
+    tuned_lens: str | None = None  # a tuned-lens folder: every lens statistic also through it (--lens)
+    tuned_exits: bool = False  # also decode every exit < L through the tuned lens (--tuned-exits)
 
     def validate(self) -> None:
         super().validate()
@@ -191,6 +196,9 @@ class RunConfig(LoadConfig):
         if self.drift_against is None and (self.drift_revision or self.drift_dtype or self.drift_quantization):
             raise ConfigError("--drift-revision / --drift-dtype / --drift-load-in-* given without --drift-against",
                               "pass --drift-against SPEC (the reference model)")
+        if self.tuned_exits and not self.tuned_lens:
+            raise ConfigError("--tuned-exits needs a tuned lens", "pass --lens logit,tuned:PATH (a folder written by "
+                              "layerwise train-lens), or leave --tuned-exits out")
         if self.bertscore_num_layers is not None and self.bertscore_num_layers < 1:
             raise ConfigError(f"--bertscore-num-layers must be at least 1, got {self.bertscore_num_layers}",
                               "pass a layer number of the BERTScore model, or leave it out")
@@ -298,6 +306,45 @@ def check_exit_syntax(exits: Sequence[Any]) -> None:
     dup = sorted({str(x) for x in exits if list(exits).count(x) > 1})
     if dup:
         raise ConfigError(f"exit layer {dup[0]} is given twice", "list each exit layer once")
+
+
+def parse_lens(spec: Any, base: Path | None = None) -> str | None:
+    """``--lens``: ``logit`` → None; ``logit,tuned:PATH`` → PATH, made absolute from ``base``.
+
+    The logit lens is always computed (the results' main sections); ``tuned:PATH`` alone means
+    the same as ``logit,tuned:PATH``. PATH is a folder written by ``layerwise train-lens`` (or a
+    tuned-lens checkpoint folder); it cannot contain a comma.
+    """
+    import os
+
+    fix = "pass --lens logit, or --lens logit,tuned:PATH with the folder written by layerwise train-lens"
+    text = "" if spec is None else str(spec).strip()
+    if not text:
+        raise ConfigError("--lens is empty", fix)
+    tuned: str | None = None
+    seen: set[str] = set()
+    for item in (x.strip() for x in text.split(",")):
+        name, colon, path = item.partition(":")
+        name = name.strip()
+        if name not in LENSES:
+            raise ConfigError(f"--lens: unknown lens {item!r} (lenses: {', '.join(LENSES)})", fix)
+        if name in seen:
+            raise ConfigError(f"--lens names the {name} lens twice", fix)
+        seen.add(name)
+        if name == "logit":
+            if colon:
+                raise ConfigError(f"--lens: the logit lens takes no path ({item!r})", fix)
+            continue
+        if not path.strip():
+            raise ConfigError("--lens: the tuned lens needs its folder, as tuned:PATH", fix)
+        q = Path(os.path.expanduser(path.strip()))
+        tuned = str(q if q.is_absolute() or base is None else base / q)
+    return tuned
+
+
+def lens_option(tuned: str | None) -> str:
+    """The ``--lens`` value that names these lenses (:func:`parse_lens` in reverse)."""
+    return DEFAULT_LENS if tuned is None else f"{DEFAULT_LENS},tuned:{tuned}"
 
 
 def resolve_exits(exits: Sequence[Any] | None, num_layers: int) -> tuple[list[int], list[str] | None]:
@@ -419,7 +466,7 @@ class Settings:
 
 
 THRESHOLDS = ("entropy-trend-max", "final-entropy-max", "kl-trend-max", "agreement-trend-min", "min-rouge-gain",
-              "min-bleu-gain", "check-bertscore", "max-drift-kl")
+              "min-bleu-gain", "check-bertscore", "max-drift-kl", "trend-lens")
 
 
 def _drift_quant(o: dict[str, Any]) -> Quantization | None:
@@ -530,8 +577,12 @@ def from_options(values: dict[str, Any], base: Path, project_root: Path | None =
         drift_revision=_opt_str(o["drift-revision"]), drift_dtype=o["drift-dtype"],
         drift_quantization=_drift_quant(o),
         draft_tokens=o["draft-tokens"],
+        tuned_lens=parse_lens(o.get("lens", DEFAULT_LENS), base), tuned_exits=bool(o.get("tuned-exits")),
     )
     run.validate()
+    if o.get("trend-lens", DEFAULT_LENS) == "tuned" and not run.tuned_lens and not o.get("results"):
+        raise ConfigError("--trend-lens tuned needs a tuned lens in the run",
+                          "pass --lens logit,tuned:PATH as well, or --trend-lens logit")
 
     gate = GateConfig(update=bool(o["update-baseline"]), require=bool(o["require-baseline"]),
                       tolerances=parse_tolerances(o["tolerance"]))

@@ -8,6 +8,12 @@ hidden states through unchanged, so a row that exits at k reaches the model's ow
 head with the output of block k: exactly "the first k blocks + final norm + unembedding", at the
 cost of k blocks. Finished rows (EOS or budget) are dropped from the batch and from every
 layer's cache once enough of them have accumulated.
+
+Tuned exits (``tuned_exits`` with a tuned lens, :mod:`layerwise.tuned`) are more rows of the same
+decode: a tuned row exiting at k runs blocks 1..k beside the plain row of exit k, and just before
+the model's final norm its hidden state — the output of block k, passed through unchanged by the
+blocks it skipped — is replaced by translator k's output (:func:`translated_rows`): exactly
+"the first k blocks + translator k + final norm + unembedding".
 """
 
 from __future__ import annotations
@@ -48,6 +54,11 @@ class ExitGenerations:
     # exit -> per prompt, entropy (nats) of the exit's own next-token distribution at each
     # generated position: lens statistics of the generated sequence, from the same pass
     entropies: dict[int, list[list[float]]] = field(default_factory=dict)
+    # the same for the exits decoded through the tuned lens (translator k before the final norm)
+    tuned_exits: list[int] = field(default_factory=list)
+    tuned_tokens: dict[int, list[list[int]]] = field(default_factory=dict)
+    tuned_first_logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    tuned_entropies: dict[int, list[list[float]]] = field(default_factory=dict)
 
 
 def eos_ids(bundle: Any) -> set[int]:
@@ -99,6 +110,40 @@ def gated_blocks(adapter: Adapter, active: list[int]) -> Iterator[list[int]]:
                 block.forward = orig
             else:
                 del block.forward
+
+
+@contextlib.contextmanager
+def translated_rows(adapter: Adapter, translate: Callable[[torch.Tensor, int], torch.Tensor],
+                    rows: list[tuple[int, torch.Tensor]]) -> Iterator[list[tuple[int, torch.Tensor]]]:
+    """Just before the model's final norm (the first module after the blocks: the norm, else what
+    sits between it and the head, else the head), replace the hidden states of batch rows ``idx``
+    by ``translate(h, k)``, for each ``(k, idx)`` in ``rows``.
+
+    ``rows`` is read at call time, so the caller may update it in place between steps.
+    """
+    target = adapter.final_norm if adapter.final_norm is not None else (
+        adapter.between[0] if adapter.between else adapter.head_modules[0])
+
+    def pre_hook(_mod: Any, args: tuple, kwargs: dict) -> Any:
+        if not rows:
+            return None
+        if args:
+            h = args[0]
+        else:
+            key = next(iter(kwargs))
+            h = kwargs[key]
+        h = h.clone()
+        for k, idx in rows:
+            h[idx] = translate(h[idx], k)
+        if args:
+            return (h, *args[1:]), kwargs
+        return args, {**kwargs, key: h}
+
+    handle = target.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield rows
+    finally:
+        handle.remove()
 
 
 def prefill(bundle: Any, input_ids: torch.Tensor, mask: torch.Tensor, layers: Sequence[int]) -> Prefill:
@@ -159,6 +204,8 @@ def generate_exits(
     compact_fraction: float = 0.25,
     verify_family: bool = True,
     on_step: Callable[[], None] | None = None,
+    tuned: Any = None,
+    tuned_exits: Sequence[int] = (),
 ) -> ExitGenerations:
     """Generate for every prompt (left-padded ``input_ids``) at every exit layer in one decode.
 
@@ -166,6 +213,10 @@ def generate_exits(
     ``max_new_tokens``), and the first-token logits of every exit. A family whose early exit is
     not exact (:mod:`layerwise.families`) is refused before any compute; ``verify_family=False``
     skips that (the test that measures it). ``on_step`` is called after each decode step (progress).
+
+    ``tuned_exits`` (with ``tuned``, anything with ``translate(hidden, layer)`` such as a
+    :class:`layerwise.tuned.TunedLens`): these exits are also decoded through the tuned lens, as
+    more rows of the same decode (``tuned_tokens``, ``tuned_first_logits``, ``tuned_entropies``).
     """
     dec = decoding or Decoding()
     dec.validate()
@@ -175,26 +226,33 @@ def generate_exits(
     model = bundle.model
     L = adapter.num_layers
     exits_sorted = validate_exits(list(exits), L)
-    order = sorted(exits_sorted, reverse=True)  # deepest first: each block's rows are a prefix
+    tuned_sorted = validate_exits(list(tuned_exits), L) if tuned_exits else []
+    if tuned_sorted and tuned is None:
+        raise ConfigError("tuned exits need a tuned lens", "pass tuned=TunedLens.load(PATH, bundle)")
+    # Row groups (exit, through the tuned lens?), deepest first, so each block's rows are a prefix;
+    # at one depth the plain exit comes first.
+    order = sorted([(e, False) for e in exits_sorted] + [(e, True) for e in tuned_sorted], key=lambda g: (-g[0], g[1]))
     dev = bundle.device
     input_ids = input_ids.to(dev)
     attention_mask = attention_mask.to(dev)
     P = input_ids.shape[0]
-    pre = prefilled or prefill(bundle, input_ids, attention_mask, order)
+    pre = prefilled or prefill(bundle, input_ids, attention_mask, sorted({e for e, _ in order}, reverse=True))
     eos = eos_ids(bundle)
     gen = torch.Generator(device="cpu").manual_seed(dec.seed) if dec.do_sample else None
 
-    # Rows: exit-major, deepest exit first.
-    row_exit = torch.tensor([e for e in order for _ in range(P)])
+    # Rows: group-major, deepest exit first.
+    row_exit = torch.tensor([e for e, _ in order for _ in range(P)])
+    row_tuned = torch.tensor([t for _, t in order for _ in range(P)], dtype=torch.bool)
     row_prompt = torch.tensor([p for _ in order for p in range(P)])
 
     with torch.inference_mode():
-        first_logits = {e: adapter.unembed(pre.last_hidden[e].to(dev), norm=(e != L)) for e in order}
-    logits0 = torch.cat([first_logits[e] for e in order], dim=0)
+        first_logits = {g: adapter.unembed(tuned.translate(pre.last_hidden[g[0]].to(dev), g[0]) if g[1]
+                                           else pre.last_hidden[g[0]].to(dev), norm=(g[0] != L)) for g in order}
+    logits0 = torch.cat([first_logits[g] for g in order], dim=0)
 
     # Expand the prompts' cache: block j keeps the rows whose exit is >= j+1.
     layers = compat.cache_layers(pre.cache)
-    reps = [int((torch.tensor(order) >= j + 1).sum()) for j in range(L)]
+    reps = [sum(1 for e, _ in order if e >= j + 1) for j in range(L)]
     for j, layer in enumerate(layers[:L]):
         if reps[j] > 1:  # rows exit-major: the prompts' rows, once per exit that reaches block j
             compat.select_cache_rows(layer, torch.arange(P).repeat(reps[j]))
@@ -209,10 +267,19 @@ def generate_exits(
     next_tok = _pick(logits0, dec, gen).cpu()
     ent = _entropy(logits0).cpu()
     active = [int((row_exit >= j + 1).sum()) for j in range(L)]
+
+    def tuned_rows(alive_rows: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """(exit k, batch rows) of the alive rows decoded through translator k (k < L)."""
+        ex, tu = row_exit[alive_rows], row_tuned[alive_rows]
+        return [(e, ((ex == e) & tu).nonzero().squeeze(-1).to(dev)) for e in tuned_sorted
+                if e < L and bool(((ex == e) & tu).any())]
+
+    translated = tuned_rows(alive)
     ckw = compat.cache_kwarg(model)
     use_pos = compat.accepts(model, "position_ids")
     steps = 0
-    with torch.inference_mode(), gated_blocks(adapter, active):
+    hook = translated_rows(adapter, tuned.translate, translated) if tuned_sorted else contextlib.nullcontext()
+    with torch.inference_mode(), gated_blocks(adapter, active), hook:
         for t in range(dec.max_new_tokens):
             for i, r in enumerate(alive.tolist()):
                 if not finished[r]:
@@ -234,6 +301,7 @@ def generate_exits(
                 alive, next_tok, ent = alive[keep], next_tok[keep], ent[keep]
                 mask, last_pos = mask[keep_dev], last_pos[keep_dev]
                 active[:] = [int((row_exit[alive] >= j + 1).sum()) for j in range(L)]
+                translated[:] = tuned_rows(alive)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             last_pos = last_pos + 1
             kwargs: dict[str, Any] = {ckw: pre.cache}
@@ -252,10 +320,17 @@ def generate_exits(
             step_logits = out.logits[:, -1].float()
             next_tok = _pick(step_logits, dec, gen).cpu()
             ent = _entropy(step_logits).cpu()
-    tokens: dict[int, list[list[int]]] = {e: [[] for _ in range(P)] for e in order}
-    entropies: dict[int, list[list[float]]] = {e: [[] for _ in range(P)] for e in order}
+    tokens: dict[tuple[int, bool], list[list[int]]] = {g: [[] for _ in range(P)] for g in order}
+    entropies: dict[tuple[int, bool], list[list[float]]] = {g: [[] for _ in range(P)] for g in order}
     for r in range(n_rows):
-        tokens[int(row_exit[r])][int(row_prompt[r])] = out_tokens[r]
-        entropies[int(row_exit[r])][int(row_prompt[r])] = out_entropy[r]
-    return ExitGenerations(exits=exits_sorted, tokens=tokens, first_logits=first_logits, steps=steps,
-                           entropies=entropies)
+        g = (int(row_exit[r]), bool(row_tuned[r]))
+        tokens[g][int(row_prompt[r])] = out_tokens[r]
+        entropies[g][int(row_prompt[r])] = out_entropy[r]
+
+    def part(d: dict[tuple[int, bool], Any], t: bool) -> dict[int, Any]:
+        return {e: v for (e, tu), v in d.items() if tu == t}
+
+    return ExitGenerations(exits=exits_sorted, tokens=part(tokens, False), first_logits=part(first_logits, False),
+                           steps=steps, entropies=part(entropies, False), tuned_exits=tuned_sorted,
+                           tuned_tokens=part(tokens, True), tuned_first_logits=part(first_logits, True),
+                           tuned_entropies=part(entropies, True))

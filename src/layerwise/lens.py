@@ -50,6 +50,20 @@ class LayerStats:
     top1_ids: torch.Tensor | None = None  # (L+1, N): each layer's most likely token (long)
 
 
+def _log_probs_(z: torch.Tensor, tgt: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Turn logits ``z`` (…, V) into log-probabilities in place; also the cross-entropy of the
+    tokens ``tgt`` (…) when given, as logsumexp(z) − z[tgt] in float64 from the unrounded logits.
+
+    The normaliser is summed in float64 and subtracted once: float32 log-probabilities of large
+    logits (the embedding layer of a tied-embedding model reaches ~176, one float32 ulp = 1.5e-5)
+    would carry the rounding of ``z − logsumexp(z)`` into the cross-entropy.
+    """
+    m = z.amax(-1, keepdim=True)
+    lse = m.double() + torch.sub(z, m).exp_().sum(-1, keepdim=True, dtype=torch.float64).log()
+    x = None if tgt is None else lse.squeeze(-1) - z.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double()
+    return z.sub_(lse.float()), x
+
+
 def layer_stats(
     adapter: Adapter,
     hidden: dict[int, torch.Tensor],
@@ -90,29 +104,28 @@ def layer_stats(
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             zf = adapter.logits(adapter.prepare(hidden[L][s:e], norm=False))  # (c, V), ours to modify
-            logpf = zf.sub_(zf.logsumexp(-1, keepdim=True))  # in place: log-probabilities of layer L
+            tgt = known = None
+            if want_xent:
+                tgt = targets[s:e].to(zf.device)
+                known = tgt >= 0
+                tgt = tgt.clamp(min=0)
+            logpf, xent_f = _log_probs_(zf, tgt)  # in place: log-probabilities of layer L
             pf = logpf.exp()
             top1_f = logpf.argmax(-1)
             scratch = torch.empty_like(logpf)
-            tgt = known = None
-            if want_xent:
-                tgt = targets[s:e].to(logpf.device)
-                known = tgt >= 0
-                tgt = tgt.clamp(min=0)
 
             # Memory: besides the logits of the chunk only p and one scratch buffer exist (every
             # other step works in place), so a chunk costs about 5 × rows × V floats.
             # Sums over the vocabulary accumulate in float64: a sequential float32 reduction over
             # ~50k terms (e.g. CPU einsum) loses ~1e-3 nats, and float32 results can depend on
             # how many threads split the sum.
-            def record(k: int, normed: bool, logp: torch.Tensor) -> None:
+            def record(k: int, normed: bool, logp: torch.Tensor, x: torch.Tensor | None) -> None:
                 ent_key, xent_key = ("entropy", "xent") if normed else ("entropy_raw", "xent_raw")
                 p = pf if k == L else logp.exp()
                 torch.mul(p, logp, out=scratch)
                 out[ent_key][k, s:e] = (-scratch.sum(-1, dtype=torch.float64)).float().cpu()
-                if tgt is not None:
-                    x = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-                    out[xent_key][k, s:e] = torch.where(known, x, torch.full_like(x, nan)).cpu()
+                if x is not None:
+                    out[xent_key][k, s:e] = torch.where(known, x, torch.full_like(x, nan)).float().cpu()
                 if not normed:
                     return
                 if k < L:
@@ -129,7 +142,7 @@ def layer_stats(
                     topk_ids[k, s:e] = ids.cpu()
                     topk_probs[k, s:e] = vals.exp().cpu()
 
-            record(L, True, logpf)
+            record(L, True, logpf, xent_f)
             out["kl_to_final"][L, s:e] = 0.0
             if raw:  # layer L is the model's output either way
                 out["entropy_raw"][L, s:e] = out["entropy"][L, s:e]
@@ -140,9 +153,9 @@ def layer_stats(
                 x = torch.cat([adapter.prepare(hidden[k][s:e], norm=normed) for k, normed in group])
                 z_all = adapter.logits(x).view(len(group), e - s, -1)
                 del x
-                z_all.sub_(z_all.logsumexp(-1, keepdim=True))  # in place: log-probabilities
+                _, xent_all = _log_probs_(z_all, None if tgt is None else tgt.expand(len(group), -1))
                 for i, (k, normed) in enumerate(group):
-                    record(k, normed, z_all[i])
+                    record(k, normed, z_all[i], None if xent_all is None else xent_all[i])
                 del z_all
     return LayerStats(
         entropy=out["entropy"],

@@ -27,7 +27,7 @@ class Option:
     name: str  # the flag without "--"; the ini key is "layerwise_" + name with "_" for "-"
     help: str
     default: Any = None
-    kind: str = "str"  # str | path | int | float | bool | list
+    kind: str = "str"  # str | path | int | float | bool | list | lens
     choices: tuple[str, ...] | None = None
     scope: str = "run"
 
@@ -46,7 +46,7 @@ class Option:
         if self.kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction  # --x / --no-x: the CLI can undo an ini "true"
         else:
-            kwargs["metavar"] = {"path": "PATH", "int": "N", "float": "X", "list": "LIST"}.get(
+            kwargs["metavar"] = {"path": "PATH", "int": "N", "float": "X", "list": "LIST", "lens": "LENSES"}.get(
                 self.kind, self.name.split("-")[-1].upper())
         return kwargs
 
@@ -99,6 +99,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("draft-tokens", "γ of the self-speculative decoding forecast: tokens each exit layer drafts per "
            "full-model forward (the report shows the expected tokens per forward at each exit)",
            C.DEFAULT_DRAFT_TOKENS, "int"),
+    Option("lens", "lenses to read every layer through: logit, or logit,tuned:PATH to add a tuned lens (a folder "
+           "written by layerwise train-lens) — every lens statistic of both from the same forward pass", C.DEFAULT_LENS,
+           "lens"),
+    Option("tuned-exits", "also decode every exit layer below L through the tuned lens (translator k, final norm, "
+           "head), in the same batched decode as the plain exits; needs --lens logit,tuned:PATH", False, "bool"),
     Option("drift-against", "a reference model (same tokenizer and depth): record per-layer KL(reference ‖ "
            "this model), e.g. the fp32 original of a quantized model, or the previous revision"),
     Option("drift-revision", "the reference model's hub revision (e.g. the release you upgrade from)"),
@@ -143,6 +148,8 @@ OPTIONS: tuple[Option, ...] = (
            scope="suite"),
     Option("max-drift-kl", "with --drift-against: every layer's mean KL(reference ‖ this model) must be ≤ this "
            "(nats; unset: drift is recorded, not gated)", None, "float", scope="suite"),
+    Option("trend-lens", "the lens the trend tests (entropy, KL, agreement) read: logit, or tuned (needs --lens "
+           "logit,tuned:PATH)", C.DEFAULT_LENS, choices=C.LENSES, scope="suite"),
 )
 
 BY_NAME = {o.name: o for o in OPTIONS}
@@ -191,6 +198,8 @@ def convert(opt: Option, raw: Any, base: Path | None = None) -> Any:
             except ValueError:
                 raise ConfigError(f"{where}: {x!r} is not a whole number", "pass layers like 8,16,24,32 or depths like 25%,50%,100%") from None
         return out
+    if opt.kind == "lens":  # checked, its path made absolute here (CLI: from the cwd; ini: the ini's folder)
+        return C.lens_option(C.parse_lens(raw, base))
     if opt.kind == "path":
         s = str(raw)
         if not s.strip():

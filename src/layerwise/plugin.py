@@ -95,7 +95,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 #: Fixtures that need the model or its results: tests using them share one xdist worker.
 MODEL_FIXTURES = frozenset({"layerwise", "layerwise_model", "layerwise_results", "layer_lens", "early_exit_generations",
-                            "exit_metrics", "layerwise_baseline", "logit_lens"})
+                            "exit_metrics", "layerwise_baseline", "logit_lens", "tuned_lens", "tuned_layer_lens",
+                            "tuned_exit_generations", "tuned_exit_metrics"})
 XDIST_GROUP = "layerwise"
 
 
@@ -198,7 +199,8 @@ def layerwise_results(layerwise: Any) -> "Results":
 
 @pytest.fixture(scope="session")
 def layer_lens(layerwise_results: dict[str, Any]) -> dict[str, Any]:
-    """Per-layer lens statistics: ``["first_token"|"teacher_forced"][stat]["mean"][layer]``."""
+    """Per-layer logit-lens statistics: ``["first_token"|"teacher_forced"][stat]["mean"][layer]``;
+    with ``--lens logit,tuned:PATH`` also ``["tuned"]``, the same through the tuned lens."""
     return layerwise_results["lens"]
 
 
@@ -231,6 +233,43 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     outcome = yield
     if call.excinfo is not None and call.excinfo.errisinstance(ProbeError):
         outcome.get_result().longrepr = f"layerwise: {call.excinfo.value}"
+
+
+@pytest.fixture(scope="session")
+def tuned_lens(layerwise: Any) -> Any:
+    """The run's :class:`layerwise.tuned.TunedLens` (``--lens logit,tuned:PATH``), loaded once and
+    checked against the model; the test is skipped when the run has no tuned lens."""
+    if layerwise.settings.run.tuned_lens is None or layerwise.gating_a_file:
+        pytest.skip("no tuned lens in this run (pass --lens logit,tuned:PATH)")
+    return _guard(layerwise.tuned_lens)
+
+
+@pytest.fixture(scope="session")
+def tuned_layer_lens(layer_lens: dict[str, Any]) -> dict[str, Any]:
+    """The lens statistics through the tuned lens, same positions and shape as ``layer_lens``:
+    ``["first_token"|"teacher_forced"][stat]["mean"][layer]``; skipped without a tuned lens."""
+    if "tuned" not in layer_lens:
+        pytest.skip("no tuned lens in this run (pass --lens logit,tuned:PATH)")
+    return layer_lens["tuned"]
+
+
+@pytest.fixture(scope="session")
+def tuned_exit_generations(layerwise_results: dict[str, Any]) -> dict[int, list[str]]:
+    """``{exit layer: [text per row]}`` of the exits decoded through the tuned lens (every exit below
+    L; at L the tuned exit is the plain one); skipped without ``--tuned-exits``."""
+    if not layerwise_results.get("tuned_exits"):
+        pytest.skip("no tuned exits in this run (pass --lens logit,tuned:PATH --tuned-exits)")
+    return {e["layer"]: [r["tuned"]["generations"][str(e["layer"])] for r in layerwise_results["rows"]]
+            for e in layerwise_results["tuned_exits"]}
+
+
+@pytest.fixture(scope="session")
+def tuned_exit_metrics(layerwise_results: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """``{exit layer: {"bleu", "rougeL", "bertscore_f1", …}}`` of the tuned exits, as ``exit_metrics``;
+    skipped without ``--tuned-exits``."""
+    if not layerwise_results.get("tuned_exits"):
+        pytest.skip("no tuned exits in this run (pass --lens logit,tuned:PATH --tuned-exits)")
+    return {e["layer"]: e for e in layerwise_results["tuned_exits"]}
 
 
 @pytest.fixture(scope="session")

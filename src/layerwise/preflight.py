@@ -25,6 +25,7 @@ class Checked:
     baseline: dict[str, Any] | None
     missing: str | None = None
     results: dict[str, Any] | None = None  # --results FILE: the results read from it
+    tuned_lens: dict[str, Any] | None = None  # --lens logit,tuned:PATH: what the folder holds (tuned_files)
 
 
 def check_not_in_package(path: Path, what: str) -> None:
@@ -42,6 +43,9 @@ def _check_results_file(settings: Settings, outputs: dict[str, Path | None] | No
     from .results import load_results
 
     results = load_results(settings.results_file)  # type: ignore[arg-type]
+    if settings.thresholds.get("trend-lens") == "tuned" and "tuned" not in results["lens"]:
+        raise ConfigError(f"--trend-lens tuned: {settings.results_file} has no tuned lens",
+                          "gate results written with --lens logit,tuned:PATH, or pass --trend-lens logit")
     gate = settings.gate
     if gate.source != "option":
         q = results["run"]["model"].get("quantization")
@@ -117,7 +121,13 @@ def preflight(settings: Settings, outputs: dict[str, Path | None] | None = None)
             check_not_in_package(path, name)
             check_output(path, name)
     check_distinct(inputs_of(settings), outs)
+    lens = None
+    if run.tuned_lens:  # a missing or damaged lens is one line now; one for another model, once it loads
+        from .tuned_files import check_lens_folder
+
+        lens = check_lens_folder(run.tuned_lens)
     examples = load_examples(Path(run.prompts) if run.prompts else default_prompts_path(), run.limit)
     checked = _baseline_of(settings, run.model)
     checked.examples = examples
+    checked.tuned_lens = lens
     return checked

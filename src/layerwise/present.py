@@ -163,6 +163,11 @@ def lens_text(s: Any) -> str:
         parts.append(f"teacher forcing over the first {s['teacher_forced_tokens']} reference tokens")
     if s.get("top_k") is not None:
         parts.append(f"top-{s['top_k']} kept")
+    tuned = s.get("tuned")
+    if isinstance(tuned, dict):
+        trained = tuned.get("training") or {}
+        how = f", {trained['steps']} training steps" if trained.get("steps") is not None else ""
+        parts.append(f"and the tuned lens {tuned.get('path')} (weights sha256 {short(tuned.get('sha256'), 16)}{how})")
     return "; ".join(parts)
 
 

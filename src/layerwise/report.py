@@ -103,6 +103,17 @@ def _exit_rows(results: dict, baseline: dict | None) -> list[dict[str, Any]]:
     return out
 
 
+def _tuned_exit_rows(results: dict) -> list[dict[str, Any]]:
+    """The exits decoded through the tuned lens, each value beside the plain exit's (Δ = tuned − plain)."""
+    plain = {e["layer"]: e for e in results["exits"]}
+    out = []
+    for e in sorted(results.get("tuned_exits") or [], key=lambda e: e["layer"]):
+        p = plain.get(e["layer"], {})
+        out.append({"layer": e["layer"],
+                    "cells": [delta_cell(e.get(key), p.get(key), digits, direction) for key, _t, digits, direction in METRICS]})
+    return out
+
+
 def metric_notes(results: dict) -> list[str]:
     met = results["run"]["metrics"]
     notes = []
@@ -140,6 +151,16 @@ def _depth_table(results: dict) -> dict[str, Any] | None:
         ("decided (top-1), teacher-forced", tf.get("decided_top1"), 2),
         ("copy rate, teacher-forced", tf.get("copy_rate"), 3),
     ]
+    tuned = results["lens"].get("tuned") or {}
+    if tuned:
+        t_ft, t_tf = tuned.get("first_token") or {}, tuned.get("teacher_forced") or {}
+        cols += [
+            ("KL to final, first token, tuned lens", (t_ft.get("kl_to_final") or {}).get("mean"), 2),
+            ("entropy, teacher-forced, tuned lens", (t_tf.get("entropy") or {}).get("mean"), 2),
+            ("KL to final, teacher-forced, tuned lens", (t_tf.get("kl_to_final") or {}).get("mean"), 2),
+            ("top-1 agree, teacher-forced, tuned lens", t_tf.get("top1_agree"), 2),
+            ("cross-entropy of true token, tuned lens", (t_tf.get("xent") or {}).get("mean"), 2),
+        ]
     cols = [c for c in cols if isinstance(c[1], list) and c[1]]
     if not cols:
         return None
@@ -190,19 +211,23 @@ def _gen_rows(results: dict) -> list[dict[str, Any]]:
         ntok = r.get("n_tokens") or {}
         scores = r.get("scores") or {}
         cols = []
+        tuned = r.get("tuned") if isinstance(r.get("tuned"), dict) else {}
         for k in exits:
             key = str(k)
-            if key not in gens:
-                continue
-            text = gens.get(key)
-            sc = scores.get(key) or {}
-            cols.append({
-                "layer": k,
-                "text": "" if text is None else str(text),
-                "empty": text is None or str(text).strip() == "",
-                "n_tokens": ntok.get(key),
-                "scores": [(lab, fmt(sc.get(s), d)) for s, lab, d in ROW_SCORES if s in sc],
-            })
+            for lens, part in (("", {"generations": gens, "n_tokens": ntok, "scores": scores}), ("tuned lens", tuned)):
+                p_gens = part.get("generations") or {}
+                if key not in p_gens:
+                    continue
+                text = p_gens.get(key)
+                sc = (part.get("scores") or {}).get(key) or {}
+                cols.append({
+                    "layer": k,
+                    "lens": lens,
+                    "text": "" if text is None else str(text),
+                    "empty": text is None or str(text).strip() == "",
+                    "n_tokens": (part.get("n_tokens") or {}).get(key),
+                    "scores": [(lab, fmt(sc.get(s), d)) for s, lab, d in ROW_SCORES if s in sc],
+                })
         instr = str(r.get("instruction") or "")
         out.append({
             "index": r.get("index"),
@@ -224,6 +249,7 @@ def _examples(results: dict) -> list[dict[str, Any]]:
     from . import charts
 
     rows = rows_by_index(results)
+    tuned = {ex.get("row"): ex for ex in (results["lens"].get("tuned") or {}).get("examples", []) if isinstance(ex, dict)}
     out = []
     for i, ex in enumerate(results["lens"].get("examples", [])):
         if not isinstance(ex, dict):
@@ -231,8 +257,10 @@ def _examples(results: dict) -> list[dict[str, Any]]:
         row = rows.get(ex.get("row"), {})
         caption = str(row.get("instruction") or "")
         drawn = charts.chart_example(ex, caption, i)
+        t_ex = tuned.get(ex.get("row"))
+        drawn_tuned = charts.chart_example(t_ex, caption, i, lens="tuned") if t_ex else None
         if drawn:
-            out.append({"row": ex.get("row"), "instruction": caption, "svg": svg(drawn)})
+            out.append({"row": ex.get("row"), "instruction": caption, "svg": svg(drawn), "svg_tuned": svg(drawn_tuned)})
     return out
 
 
@@ -312,6 +340,8 @@ def build_report_context(results: dict, baseline: dict | None = None, baseline_n
     m = results["run"]["model"]
     grid = charts.chart_grid(results)
     row_count = len([r for r in results["rows"]])
+    dashed = (" Dashed (no band): the same positions through the tuned lens (translator k, then the final norm and "
+              "head).") if results["lens"].get("tuned") else ""
     return {
         "title": f"layerwise report — {m.get('name') or m.get('spec') or 'model'}",
         "model_name": m.get("name") or m.get("spec") or "model",
@@ -319,6 +349,7 @@ def build_report_context(results: dict, baseline: dict | None = None, baseline_n
         "tests": tests_summary(results),
         "metrics": [{"title": t, "direction": d} for _k, t, _d, d in METRICS],
         "exit_rows": _exit_rows(results, baseline),
+        "tuned_exit_rows": _tuned_exit_rows(results),
         "baseline": None if baseline is None else {"label": _baseline_label(baseline, baseline_name or (results.get("gate") or {}).get("baseline"))},
         "gate": _gate(results),
         "metric_notes": metric_notes(results),
@@ -326,13 +357,13 @@ def build_report_context(results: dict, baseline: dict | None = None, baseline_n
             {"id": "entropy", "title": "Lens entropy by depth", "svg": svg(charts.chart_entropy(results)),
              "caption": "Mean entropy of the lens distribution at each layer; the shaded band is the "
                         "inter-quartile range over rows (first token) or positions (teacher-forced). "
-                        "Dotted verticals mark the exit layers."},
+                        "Dotted verticals mark the exit layers." + dashed},
             {"id": "kl", "title": "KL to the final layer", "svg": svg(charts.chart_kl(results)),
              "caption": "KL(final ‖ layer): how far each layer's prediction is from the model's own output "
-                        "(0 at the last layer by definition)."},
+                        "(0 at the last layer by definition)." + dashed},
             {"id": "top1", "title": "Top-1 agreement with the final layer", "svg": svg(charts.chart_top1(results)),
              "caption": "Fraction of rows (first token) or positions (teacher-forced) where the layer's most "
-                        "likely token equals the final layer's."},
+                        "likely token equals the final layer's." + dashed},
             {"id": "decision", "title": "Decision depth", "svg": svg(charts.chart_decision_depth(results)),
              "caption": "For each row (first token) or position (teacher-forced): the first layer from which the "
                         "final layer's top-1 token stays top-1 at every deeper layer (left), or stays within the "

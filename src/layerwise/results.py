@@ -59,10 +59,20 @@ class DecodingInfo(TypedDict):
     seed: int
 
 
+class TunedLensInfo(TypedDict, total=False):
+    """The tuned lens of a run (``--lens logit,tuned:PATH``)."""
+
+    path: Required[str]
+    sha256: Required[str | None]  # SHA-256 of its weights file (params.safetensors, or tuned-lens's params.pt)
+    format: Required[str | None]  # "layerwise-tuned-lens" | "tuned-lens"
+    training: dict[str, Any]  # steps, positions_per_step, seed, optimizer, lr, positions (as its config records)
+
+
 class LensInfo(TypedDict, total=False):
     final_norm: Required[bool]
     teacher_forced_tokens: Required[int]
     top_k: Required[int]
+    tuned: TunedLensInfo  # present when the run also read every layer through a tuned lens
 
 
 class MetricsInfo(TypedDict):
@@ -175,6 +185,14 @@ class PerRow(TypedDict, total=False):
     tf_agree: list[list[Num]]  # [layer][row]: teacher-forced top-1 agreement with the final layer
 
 
+class TunedSection(TypedDict, total=False):
+    """The same positions as the logit lens, read through the tuned lens (translator k, final norm, head)."""
+
+    first_token: Required[LensSection]
+    teacher_forced: Required[LensSection]
+    examples: list[Example]
+
+
 class Lens(TypedDict, total=False):
     first_token: Required[LensSection]
     teacher_forced: Required[LensSection]
@@ -182,6 +200,7 @@ class Lens(TypedDict, total=False):
     examples: list[Example]
     grid: Grid
     drift: Drift
+    tuned: TunedSection  # --lens logit,tuned:PATH
 
 
 class ExitRow(TypedDict, total=False):
@@ -212,6 +231,15 @@ class TokenPrint(TypedDict):
     head: list[int]  # the first 16 generated ids
 
 
+class TunedRow(TypedDict, total=False):
+    """A row's generations at the exits decoded through the tuned lens (--tuned-exits)."""
+
+    generations: Required[dict[str, str]]  # tuned exit layer → text
+    n_tokens: dict[str, int]
+    scores: dict[str, RowScores]
+    tokens: dict[str, TokenPrint]
+
+
 class Row(TypedDict, total=False):
     index: Required[int]
     instruction: Required[str]
@@ -222,6 +250,7 @@ class Row(TypedDict, total=False):
     n_tokens: dict[str, int]
     scores: dict[str, RowScores]
     tokens: dict[str, TokenPrint]  # exit layer → fingerprint of the generated tokens
+    tuned: TunedRow  # --tuned-exits
 
 
 class TestOutcome(TypedDict):
@@ -281,6 +310,7 @@ class Results(TypedDict, total=False):
     layers: Required[list[int]]
     lens: Required[Lens]
     exits: Required[list[ExitRow]]
+    tuned_exits: list[ExitRow]  # --tuned-exits: the exits below L decoded through the tuned lens
     rows: Required[list[Row]]
     tests: list[TestOutcome]
     timing: dict[str, Any]
@@ -317,15 +347,17 @@ def _shape(data: Results) -> str | None:
     L = data["run"]["model"]["num_layers"]
     if data["layers"] != list(range(L + 1)):
         return f"layers: expected 0..{L} (the model has {L} blocks)"
+    tuned = data["lens"].get("tuned")
+    for prefix, lens in (("lens", data["lens"]), ("lens.tuned", tuned or {})):
+        for sec_name in ("first_token", "teacher_forced"):
+            for stat, val in (lens.get(sec_name) or {}).items():
+                curves = {"": val} if isinstance(val, list) else (val if isinstance(val, dict) else {})
+                for part, curve in curves.items():
+                    if isinstance(curve, list) and len(curve) != L + 1:
+                        name = f"{prefix}.{sec_name}.{stat}" + (f".{part}" if part else "")
+                        return f"{name}: {len(curve)} values for {L + 1} layers"
     for sec_name in ("first_token", "teacher_forced"):
-        sec = data["lens"][sec_name]
-        for stat, val in sec.items():
-            curves = {"": val} if isinstance(val, list) else (val if isinstance(val, dict) else {})
-            for part, curve in curves.items():
-                if isinstance(curve, list) and len(curve) != L + 1:
-                    name = f"lens.{sec_name}.{stat}" + (f".{part}" if part else "")
-                    return f"{name}: {len(curve)} values for {L + 1} layers"
-        for kind, dist in (sec.get("decision_depth") or {}).items():
+        for kind, dist in (data["lens"][sec_name].get("decision_depth") or {}).items():
             for part in ("counts", "decided"):
                 if len(dist[part]) != L + 1:
                     return f"lens.{sec_name}.decision_depth.{kind}.{part}: {len(dist[part])} values for {L + 1} layers"
@@ -335,6 +367,12 @@ def _shape(data: Results) -> str | None:
     exits = [e["layer"] for e in data["exits"]]
     if sorted(data["run"]["exit_layers"]) != sorted(exits):
         return f"exits: layers {exits} differ from run.exit_layers {data['run']['exit_layers']}"
+    if "tuned_exits" in data:
+        if tuned is None:
+            return "tuned_exits: present, but lens.tuned is not (tuned exits need the tuned lens)"
+        for e in data["tuned_exits"]:
+            if e["layer"] not in exits or e["layer"] >= L:
+                return f"tuned_exits: layer {e['layer']} is not an exit layer below {L}"
     return None
 
 
@@ -357,8 +395,11 @@ def token_print(ids: list[int]) -> dict[str, Any]:
 
 
 def assemble(*, run: dict[str, Any], lens: dict[str, Any], exits: list[dict[str, Any]], rows: list[dict[str, Any]],
-             timing: dict[str, Any]) -> Results:
+             timing: dict[str, Any], tuned_exits: list[dict[str, Any]] | None = None) -> Results:
     """The results dict from its parts, in the declared shape (validated by the caller's reader)."""
     L = run["model"]["num_layers"]
-    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "run": run, "layers": list(range(L + 1)),  # type: ignore[typeddict-item]
-            "lens": lens, "exits": exits, "rows": rows, "tests": [], "timing": timing}
+    out: Results = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "run": run, "layers": list(range(L + 1)),  # type: ignore[typeddict-item]
+                    "lens": lens, "exits": exits, "rows": rows, "tests": [], "timing": timing}
+    if tuned_exits:
+        out["tuned_exits"] = tuned_exits
+    return out

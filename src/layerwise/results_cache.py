@@ -73,6 +73,8 @@ def cache_key(config: Any, data_sha256: str) -> str:
         "model": model_identity(config.model, config.revision),
         "adapter": _adapter_identity(config.adapter),
         "drift": model_identity(config.drift_against, config.drift_revision) if config.drift_against else None,
+        # --lens logit,tuned:PATH: the lens's files (retrained in place, it is another lens)
+        "tuned_lens": _files_identity(Path(config.tuned_lens)) if getattr(config, "tuned_lens", None) else None,
         "data_sha256": data_sha256,
         "settings": settings,
         "versions": _versions(),

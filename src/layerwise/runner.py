@@ -70,6 +70,12 @@ class Sweep:
     lens_s: float
     gen_s: float
     counts: list[int]  # teacher-forced positions of each row, in row order
+    # the tuned lens (--lens logit,tuned:PATH): the same positions, the same forward pass
+    tuned_stats: Any = None
+    tuned_first_stats: Any = None
+    tuned_tokens: dict[int, list[list[int]]] | None = None  # --tuned-exits: exits < L through the tuned lens
+    tuned_entropies: dict[int, list[list[float]]] | None = None
+    tuned_s: float = 0.0  # the tuned lens's share of lens_s
 
 
 @dataclass
@@ -82,6 +88,10 @@ class BatchPart:
     counts: list[int]
     tokens: dict[int, list[list[int]]]
     entropies: dict[int, list[list[float]]]
+    tuned_stats: Any = None  # the tuned lens's, when the sweep has one
+    tuned_first: Any = None
+    tuned_tokens: dict[int, list[list[int]]] | None = None
+    tuned_entropies: dict[int, list[list[float]]] | None = None
 
 
 @dataclass
@@ -91,6 +101,7 @@ class SweepParts:
     grid_inputs: list[int] | None = None
     lens_s: float = 0.0
     gen_s: float = 0.0
+    tuned_s: float = 0.0
 
     def add(self, other: "SweepParts") -> None:
         self.parts += other.parts
@@ -98,31 +109,45 @@ class SweepParts:
             self.grid_stats, self.grid_inputs = other.grid_stats, other.grid_inputs
         self.lens_s += other.lens_s
         self.gen_s += other.gen_s
+        self.tuned_s += other.tuned_s
 
     def merge(self, exits: list[int]) -> Sweep:
         """The batches joined in batch order: the same tensors whichever process computed them."""
         from .lens import concat_stats
 
         parts = sorted(self.parts, key=lambda p: p.index)
+        tuned = bool(parts) and parts[0].tuned_stats is not None
+        t_exits = sorted(parts[0].tuned_tokens or {}) if tuned else []
         return Sweep(stats=concat_stats([p.stats for p in parts]), first_stats=concat_stats([p.first for p in parts]),
                      grid_stats=self.grid_stats, grid_inputs=self.grid_inputs,
                      tokens={e: [t for p in parts for t in p.tokens[e]] for e in exits},
                      entropies={e: [t for p in parts for t in p.entropies[e]] for e in exits},
-                     lens_s=self.lens_s, gen_s=self.gen_s, counts=[c for p in parts for c in p.counts])
+                     lens_s=self.lens_s, gen_s=self.gen_s, counts=[c for p in parts for c in p.counts],
+                     tuned_stats=concat_stats([p.tuned_stats for p in parts]) if tuned else None,
+                     tuned_first_stats=concat_stats([p.tuned_first for p in parts]) if tuned else None,
+                     tuned_tokens={e: [t for p in parts for t in p.tuned_tokens[e]] for e in t_exits} if t_exits else None,
+                     tuned_entropies=({e: [t for p in parts for t in p.tuned_entropies[e]] for e in t_exits}
+                                      if t_exits else None),
+                     tuned_s=self.tuned_s)
 
 
 def run_sweep(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[list[int]], exits: list[int],
-              config: RunConfig, say: Log = lambda _m: None, progress: Progress = SILENT) -> Sweep:
+              config: RunConfig, say: Log = lambda _m: None, progress: Progress = SILENT, tuned: Any = None) -> Sweep:
     """For each batch of rows: one forward over ``prompt | reference`` (teacher-forced lens,
-    first-token lens, and the prompts' KV cache), then all exits decoded together from that cache."""
-    return sweep_parts(bundle, prompt_ids, ref_ids, exits, config, progress).merge(exits)
+    first-token lens, and the prompts' KV cache), then all exits decoded together from that cache.
+
+    ``tuned`` (a :class:`layerwise.tuned.TunedLens`): every lens statistic also through the tuned
+    lens, from the same hidden states; with ``config.tuned_exits`` the exits below L are also
+    decoded through it, as more rows of the same decode."""
+    return sweep_parts(bundle, prompt_ids, ref_ids, exits, config, progress, tuned=tuned).merge(exits)
 
 
 def sweep_parts(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[list[int]], exits: list[int],
-                config: RunConfig, progress: Progress = SILENT, shard: tuple[int, int] | None = None) -> SweepParts:
+                config: RunConfig, progress: Progress = SILENT, shard: tuple[int, int] | None = None,
+                tuned: Any = None) -> SweepParts:
     """The sweep's batches — all of them, or under torchrun (``shard`` = (rank, world size)) every
     world-th batch from the rank's own: the batches are the same as in one process, so the
-    joined results are byte for byte those of one process."""
+    joined results are byte for byte those of one process. ``tuned``: as in :func:`run_sweep`."""
     import torch
 
     from .compat import crop_cache, new_cache
@@ -140,6 +165,7 @@ def sweep_parts(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[
     batches = [range(b0, min(n_rows, b0 + step)) for b0 in range(0, n_rows, step)]
     mine = [(i, b) for i, b in enumerate(batches) if shard is None or i % shard[1] == shard[0]]
     my_rows = sum(len(b) for _, b in mine)
+    t_exits = [e for e in exits if e < adapter.num_layers] if tuned is not None and config.tuned_exits else []
     with progress.phase("generate", total=len(mine) * (dec.max_new_tokens - 1) or None, unit="step") as gen_bar, \
             progress.phase("lens", total=my_rows, unit="row") as lens_bar:  # lens ends (and prints) first
         for index, rows in mine:
@@ -158,6 +184,16 @@ def sweep_parts(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[
             starts = torch.tensor([sum(counts[:j]) for j in range(len(counts))])
             first_hidden = {k: v[starts.to(v.device)] for k, v in flat.items()}
             st_first = layer_stats(adapter, first_hidden, targets[valid][starts], top_k=config.lens_top_k, raw=config.raw_lens)
+            t_st = t_st_first = None
+            if tuned is not None:  # the same positions through translator k, then the final norm and head
+                t5 = time.perf_counter()
+                with torch.inference_mode():
+                    t_flat = tuned.translate_layers(flat)
+                t_st = layer_stats(adapter, t_flat, targets[valid])
+                t_st_first = layer_stats(adapter, {k: v[starts.to(v.device)] for k, v in t_flat.items()},
+                                         targets[valid][starts], top_k=config.lens_top_k)
+                del t_flat
+                out.tuned_s += time.perf_counter() - t5
             if rows.start == 0 and config.lens_top_k:
                 n_grid = min(16, counts[0])
                 grid_hidden = {k: v[:n_grid] for k, v in flat.items()}
@@ -170,14 +206,16 @@ def sweep_parts(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[
             crop_cache(cache, R)  # keep the prompts' part: the prefill for decoding
             pre = Prefill(cache=cache, mask=mask[:, :S], last_hidden={k: store[k][:, 0] for k in exits})
             del store, flat
-            g = generate_exits(bundle, seq[:, :S], mask[:, :S], exits, dec, prefilled=pre, on_step=gen_bar.update)
+            g = generate_exits(bundle, seq[:, :S], mask[:, :S], exits, dec, prefilled=pre, on_step=gen_bar.update,
+                               tuned=tuned, tuned_exits=t_exits)
             gen_bar.update(dec.max_new_tokens - 1 - g.steps)  # a batch that stops early finishes its share
             out.parts.append(BatchPart(index, st, st_first, counts, {e: g.tokens[e] for e in exits},
-                                       {e: g.entropies[e] for e in exits}))
+                                       {e: g.entropies[e] for e in exits}, t_st, t_st_first,
+                                       {e: g.tuned_tokens[e] for e in t_exits}, {e: g.tuned_entropies[e] for e in t_exits}))
             out.gen_s += time.perf_counter() - t2
         positions = sum(c for p in out.parts for c in p.counts)
         lens_bar.note(f"{len(mine)} batch{'es' if len(mine) > 1 else ''}, {positions} positions")
-        gen_bar.note(f"{len(exits)} exits × {my_rows} rows")
+        gen_bar.note(f"{len(exits)} exits{f' + {len(t_exits)} tuned' if t_exits else ''} × {my_rows} rows")
         lens_bar.seconds, gen_bar.seconds = out.lens_s, out.gen_s  # the two phases interleave batch by batch
     return out
 
@@ -214,7 +252,7 @@ def encode(config: RunConfig, examples: list[Any], tok: Any, model: Any, data_pa
 
 def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | None = None,
              examples: list[Any] | None = None, progress: Progress | None = None,
-             shard: Any = None) -> dict[str, Any] | None:
+             shard: Any = None, tuned_lens: Any = None) -> dict[str, Any] | None:
     """Run the whole evaluation and return the results dict (not yet written anywhere).
 
     ``examples``: the prompt rows if the caller already read them (preflight), else read here.
@@ -222,6 +260,8 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
     ``shard``: under torchrun, this process's :class:`layerwise.distributed.Shard`: the batches are
     shared among the ranks, gathered on rank 0, which scores and returns the results; the other
     ranks return None.
+    ``tuned_lens``: the :class:`layerwise.tuned.TunedLens` of ``config.tuned_lens`` if the caller
+    already loaded it for this model, else loaded here (refused for another model before any compute).
     """
     from .config import resolve_exits
     from .data import default_prompts_path, load_examples
@@ -257,14 +297,16 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
     timing["load_s"] = round(time.perf_counter() - t0, 3)
     tok, adapter = bundle.tokenizer, bundle.adapter
     check_early_exit(str(adapter.model_type))  # a family whose early exit is not exact: before any compute
+    tuned = _tuned_lens(config, bundle, tuned_lens)  # a lens for another model: before any compute
     L = adapter.num_layers
     exits, exit_spec = resolve_exits(config.exit_layers, L)
     enc = encode(config, examples, tok, bundle.model, data_path)
 
     if shard is None:
-        sw = run_sweep(bundle, enc.prompt_ids, enc.ref_ids, exits, config, progress=prog)
+        sw = run_sweep(bundle, enc.prompt_ids, enc.ref_ids, exits, config, progress=prog, tuned=tuned)
     else:
-        mine = sweep_parts(bundle, enc.prompt_ids, enc.ref_ids, exits, config, prog, (shard.rank, shard.world))
+        mine = sweep_parts(bundle, enc.prompt_ids, enc.ref_ids, exits, config, prog, (shard.rank, shard.world),
+                           tuned=tuned)
         gathered = shard.gather(mine)
         if gathered is None:
             return None  # not rank 0: its batches are in rank 0's hands
@@ -274,15 +316,21 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
         sw = whole.merge(exits)
     timing["lens_s"] = round(sw.lens_s, 3)
     timing["generate_s"] = round(sw.gen_s, 3)
+    example_rows = [ex.index for ex in examples[: config.examples]]
     lens = lens_results(
         sw.stats, sw.first_stats, sw.counts, rows=len(examples), exits=exits,
-        example_rows=[ex.index for ex in examples[: config.examples]], token_text=lambda t: _token_text(tok, t),
+        example_rows=example_rows, token_text=lambda t: _token_text(tok, t),
         grid=None if sw.grid_stats is None else (sw.grid_stats, examples[0].index, sw.grid_inputs))
     milestones(lens, sw.stats, sw.first_stats, enc.prompt_ids, enc.ref_ids, sw.counts)
     t5 = time.perf_counter()
     forecast, no_forecast = forecast_phase(bundle, enc.prompt_ids, sw.tokens, exits, config, prog)
     if forecast is not None:
         timing["forecast_s"] = round(time.perf_counter() - t5, 3)
+    if sw.tuned_stats is not None:
+        timing["tuned_lens_s"] = round(sw.tuned_s, 3)
+        both = lens_results(sw.tuned_stats, sw.tuned_first_stats, sw.counts, rows=len(examples), exits=exits,
+                            example_rows=example_rows, token_text=lambda t: _token_text(tok, t))
+        lens["tuned"] = {k: both[k] for k in ("first_token", "teacher_forced", "examples") if k in both}
 
     if config.drift_against:
         from .drift import layer_drift
@@ -304,13 +352,19 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
 
     t3 = time.perf_counter()
     eos = eos_ids(bundle)
+    t_exits = sorted(sw.tuned_tokens or {})
     kept = {e: [[t for t in ids if t not in eos] for ids in sw.tokens[e]] for e in exits}  # EOS filtered once
+    t_kept = {e: [[t for t in ids if t not in eos] for ids in (sw.tuned_tokens or {})[e]] for e in t_exits}
     texts = {e: [tok.decode(ids, skip_special_tokens=True).strip() for ids in kept[e]] for e in exits}
+    t_texts = {e: [tok.decode(ids, skip_special_tokens=True).strip() for ids in t_kept[e]] for e in t_exits}
     refs = [ex.reference for ex in examples]
-    scores = {}
-    with prog.phase("metrics", total=len(exits), unit="exit") as ph:
+    scores, t_scores = {}, {}
+    with prog.phase("metrics", total=len(exits) + len(t_exits), unit="exit") as ph:
         for e in exits:
             scores[e] = scorer.score(texts[e], refs)
+            ph.update()
+        for e in t_exits:
+            t_scores[e] = scorer.score(t_texts[e], refs)
             ph.update()
         ph.note("BLEU, ROUGE-L" + (", BERTScore" if scorer.bertscore_enabled else ""))
     timing["metrics_s"] = round(time.perf_counter() - t3, 3)
@@ -322,6 +376,11 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
             for i, ex in enumerate(examples)]
     if forecast is not None:
         attach(forecast, exit_rows, rows)
+    if t_exits:  # the exits decoded through the tuned lens: their own exit rows, and per row beside the plain ones
+        for i, r in enumerate(rows):
+            t_row = _row(examples[i], "", {e: t_texts[e][i] for e in t_exits}, {e: t_kept[e][i] for e in t_exits},
+                         {e: sw.tuned_tokens[e][i] for e in t_exits}, {e: t_scores[e]["rows"][i] for e in t_exits})
+            r["tuned"] = {k: t_row[k] for k in ("generations", "n_tokens", "scores", "tokens")}
     run: dict[str, Any] = {
         "model": {k: v for k, v in bundle.info.items() if k != "load_s"},
         "data": {"path": _display_path(data_path), "sha256": examples.sha256, "rows": len(examples),
@@ -336,8 +395,35 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
     }
     if exit_spec:
         run["exit_spec"] = exit_spec
+    if tuned is not None:
+        run["lens"]["tuned"] = _tuned_info(tuned)
     timing["total_s"] = round(time.perf_counter() - t_start, 3)
-    return assemble(run=run, lens=lens, exits=exit_rows, rows=rows, timing=timing)
+    tuned_rows = [_exit_row(e, t_scores[e], t_kept[e], lens["tuned"]["first_token"]["entropy"]["mean"][e],
+                            (sw.tuned_entropies or {})[e]) for e in t_exits]
+    return assemble(run=run, lens=lens, exits=exit_rows, rows=rows, timing=timing, tuned_exits=tuned_rows)
+
+
+def _tuned_lens(config: RunConfig, bundle: ModelBundle, given: Any) -> Any:
+    """The run's tuned lens (``--lens logit,tuned:PATH``), checked against the model, or None."""
+    if not config.tuned_lens:
+        return None
+    if given is None:
+        from .tuned import TunedLens
+
+        given = TunedLens.load(config.tuned_lens, bundle)
+    else:
+        given.check_model(bundle, f"tuned lens {config.tuned_lens}")
+    return given.to(bundle.device)
+
+
+def _tuned_info(tuned: Any) -> dict[str, Any]:
+    """What the results record of the tuned lens: where it is, its weights' SHA-256, how it was trained."""
+    src = getattr(tuned, "source", None) or {}
+    training = getattr(tuned, "training_info", None) or {}
+    return {"path": _display_path(Path(src["path"])) if src.get("path") else "(in memory)",
+            "sha256": src.get("sha256"), "format": src.get("format"),
+            "training": {k: training[k] for k in ("steps", "positions_per_step", "seed", "optimizer", "lr", "positions",
+                                                  "source") if k in training}}
 
 
 def _exit_row(layer: int, s: dict[str, Any], kept: list[list[int]], first_entropy: float | None,

@@ -25,6 +25,7 @@ class LayerwiseSession:
         self.enabled = bool({"model", "results"} & self.given)
         self._checked: Any = None
         self._bundle: Any = None
+        self._tuned: Any = None
         self._results: dict[str, Any] | None = None
         self._verdict: Any = None
         self.outcomes: dict[str, dict[str, str]] = {}
@@ -104,6 +105,18 @@ class LayerwiseSession:
             self.phases["load"] = time.perf_counter() - t0
         return self._bundle
 
+    def tuned_lens(self) -> Any:
+        """The run's tuned lens (``--lens logit,tuned:PATH``), loaded once and checked against the
+        model; None when the run has none."""
+        path = self.settings.run.tuned_lens
+        if path is None or self.gating_a_file:
+            return None
+        if self._tuned is None:
+            from .tuned import TunedLens
+
+            self._tuned = TunedLens.load(path, self.bundle())
+        return self._tuned
+
     def results(self) -> dict[str, Any]:
         if self._results is None and self.gating_a_file:
             self._results = self.check().results
@@ -122,7 +135,8 @@ class LayerwiseSession:
             bundle = self.bundle()
             t0 = time.perf_counter()
             with self._uncaptured():
-                res = evaluate(self.settings.run, bundle=bundle, examples=self.check().examples, progress=self.progress())
+                res = evaluate(self.settings.run, bundle=bundle, examples=self.check().examples, progress=self.progress(),
+                               tuned_lens=self.tuned_lens())
             from .results import validate_results
 
             validate_results(res, "the results of this run")  # the runner keeps the contract it declares

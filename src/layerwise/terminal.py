@@ -15,8 +15,9 @@ def _fmt(v: Any, nd: int = 3) -> str:
 
 def table_lines(results: dict[str, Any]) -> list[str]:
     rows = [("exit layer", "BLEU", "ROUGE-L", "BERTScore F1", "mean len", "empty", "first-token H")]
-    for e in results["exits"]:
-        rows.append((str(e["layer"]), _fmt(e["bleu"], 2), _fmt(e["rougeL"]), _fmt(e.get("bertscore_f1")),
+    tuned = [(e, " tuned") for e in results.get("tuned_exits") or []]  # --tuned-exits: through the tuned lens
+    for e, how in [(e, "") for e in results["exits"]] + tuned:
+        rows.append((f"{e['layer']}{how}", _fmt(e["bleu"], 2), _fmt(e["rougeL"]), _fmt(e.get("bertscore_f1")),
                      _fmt(e["mean_len"], 1), str(e["empty"]), _fmt(e["first_entropy"], 2)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]

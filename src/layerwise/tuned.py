@@ -36,12 +36,12 @@ import torch
 from .archs import Adapter
 from .errors import ConfigError, TunedLensError
 from .lens import LayerStats, layer_stats
+from .tuned_files import (CONFIG_FILE, FORMAT, FORMAT_VERSION, TUNED_LENS_PARAMS, WEIGHTS_FILE, check_lens_folder,
+                          read_lens_config)
 
-FORMAT = "layerwise-tuned-lens"
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "params.safetensors"
-TUNED_LENS_PARAMS = "params.pt"  # the tuned-lens package's checkpoint next to its config.json
+__all__ = ["CONFIG_FILE", "FORMAT", "FORMAT_VERSION", "TUNED_LENS_PARAMS", "WEIGHTS_FILE", "TunedLens",
+           "check_lens_folder", "compare_lenses", "model_identity", "read_lens_config"]
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,6 +166,8 @@ class TunedLens(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(num_layers, hidden_size))
         self.model: dict[str, Any] = dict(model or {})
         self.training_info: dict[str, Any] = {}
+        #: where a loaded lens came from: {"path", "format", "sha256" of its weights file}
+        self.source: dict[str, Any] = {}
 
     @property
     def num_layers(self) -> int:
@@ -284,34 +286,17 @@ class TunedLens(torch.nn.Module):
         """Read a lens folder (layerwise's format, or the tuned-lens package's); with
         ``bundle``, refuse it unless it was trained for that model."""
         p = Path(folder)
+        info = check_lens_folder(p)  # the files are whole (SHA-256, shapes) before torch reads them
         cfg = read_lens_config(p)
         if cfg.get("format") == FORMAT:
             lens = _load_layerwise(p, cfg)
         else:
             lens = _load_tuned_lens_package(p, cfg)
         lens.requires_grad_(False)  # for use; training starts from a fresh lens
+        lens.source = {k: info[k] for k in ("path", "format", "sha256")}
         if bundle is not None:
             lens.check_model(bundle, f"tuned lens {p}")
         return lens
-
-
-def read_lens_config(p: Path) -> dict[str, Any]:
-    """The parsed config.json of a lens folder, with one-line errors for what is not a lens."""
-    from .io import read_json
-
-    if not p.exists():
-        raise TunedLensError(f"tuned lens {p} does not exist", "pass the folder written by layerwise train-lens")
-    if not p.is_dir():
-        raise TunedLensError(f"tuned lens {p} is a file, not a folder", "pass the folder written by layerwise train-lens")
-    cfg = read_json(p / CONFIG_FILE, f"tuned lens {p}: config file", TunedLensError,
-                    "pass a folder written by layerwise train-lens (config.json + params.safetensors)",
-                    "train the lens again")
-    if not isinstance(cfg, dict) or not (cfg.get("format") == FORMAT or {"d_model", "num_hidden_layers"} <= set(cfg)):
-        raise TunedLensError(
-            f"{p / CONFIG_FILE} is neither a layerwise tuned lens nor a tuned-lens checkpoint",
-            "pass a folder written by layerwise train-lens",
-        )
-    return cfg
 
 
 def _load_layerwise(p: Path, cfg: dict[str, Any]) -> TunedLens:
