@@ -136,3 +136,13 @@ def slice_block_call(args: tuple, kwargs: dict[str, Any], batch: int, n: int) ->
     sub_args = [_slice_rows(a, batch, n) for a in args]
     sub_kwargs = {k: (v if k == "cache_position" else _slice_rows(v, batch, n)) for k, v in kwargs.items()}
     return sub_args, sub_kwargs
+
+
+def context_length(model: Any) -> int | None:
+    """The longest sequence the model's config allows, under whichever name its family uses."""
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None

@@ -230,6 +230,7 @@ class Encoded:
 def encode(config: RunConfig, examples: list[Any], tok: Any, model: Any, data_path: Path) -> Encoded:
     """Prompts in the configured format, their token ids, and the references' first N ids; a row
     too long for the model's context is refused naming the row and the option that makes it so."""
+    from .compat import context_length
     from .data import format_prompt
 
     N = config.teacher_forced_tokens
@@ -237,7 +238,7 @@ def encode(config: RunConfig, examples: list[Any], tok: Any, model: Any, data_pa
     special = config.prompt_format != "chat"
     prompt_ids = [tok.encode(p, add_special_tokens=special) for p in prompts]
     ref_ids = [tok.encode(ex.reference, add_special_tokens=False)[:N] for ex in examples]
-    ctx = _context_length(model)
+    ctx = context_length(model)
     more = max(config.decoding.max_new_tokens, N)
     blame = "--max-new-tokens" if config.decoding.max_new_tokens >= N else "--teacher-forced-tokens"
     for ex, ids in zip(examples, prompt_ids):
@@ -482,12 +483,3 @@ def _display_path(p: Path) -> str:
         if p.resolve() == Path(default_prompts_path()).resolve():
             return "layerwise.fixtures/alpaca_cleaned_sample.jsonl"
         return str(p)
-
-
-def _context_length(model: Any) -> int | None:
-    cfg = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None

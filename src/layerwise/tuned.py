@@ -37,7 +37,7 @@ from .archs import Adapter
 from .errors import ConfigError, TunedLensError
 from .lens import LayerStats, layer_stats
 from .tuned_files import (CONFIG_FILE, FORMAT, FORMAT_VERSION, TUNED_LENS_PARAMS, WEIGHTS_FILE, check_lens_folder,
-                          read_lens_config)
+                          read_lens_config, read_lens_weights)
 
 __all__ = ["CONFIG_FILE", "FORMAT", "FORMAT_VERSION", "TUNED_LENS_PARAMS", "WEIGHTS_FILE", "TunedLens",
            "check_lens_folder", "compare_lenses", "model_identity", "read_lens_config"]
@@ -303,18 +303,8 @@ def _load_layerwise(p: Path, cfg: dict[str, Any]) -> TunedLens:
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
-    if cfg.get("format_version") != FORMAT_VERSION:
-        raise TunedLensError(f"tuned lens {p} has format version {cfg.get('format_version')!r}, this layerwise reads "
-                             f"{FORMAT_VERSION}", "train the lens again with this version of layerwise")
+    blob, _ = read_lens_weights(p, cfg)
     wfile = p / WEIGHTS_FILE
-    try:
-        blob = wfile.read_bytes()
-    except OSError:
-        raise TunedLensError(f"tuned lens {p} has no readable {WEIGHTS_FILE}", "train the lens again") from None
-    want = (cfg.get("weights") or {}).get("sha256")
-    if hashlib.sha256(blob).hexdigest() != want:
-        raise TunedLensError(f"{wfile} does not match {p / CONFIG_FILE} (files of two trainings, or damaged)",
-                             "train the lens again with --force")
     try:
         tensors = st_load(blob)
     except (SafetensorError, ValueError) as exc:

@@ -59,6 +59,24 @@ def _safetensors_shapes(blob: bytes) -> dict[str, list[int]] | None:
     return {k: v.get("shape") for k, v in header.items() if isinstance(v, dict)}
 
 
+def read_lens_weights(p: Path, cfg: dict[str, Any]) -> tuple[bytes, str]:
+    """The weights file of a layerwise lens folder and its SHA-256, checked against the config's
+    format version and recorded SHA-256 (one-line :class:`TunedLensError` otherwise)."""
+    if cfg.get("format_version") != FORMAT_VERSION:
+        raise TunedLensError(f"tuned lens {p} has format version {cfg.get('format_version')!r}, this layerwise "
+                             f"reads {FORMAT_VERSION}", "train the lens again with this version of layerwise")
+    wfile = p / WEIGHTS_FILE
+    try:
+        blob = wfile.read_bytes()
+    except OSError:
+        raise TunedLensError(f"tuned lens {p} has no readable {WEIGHTS_FILE}", "train the lens again") from None
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != (cfg.get("weights") or {}).get("sha256"):
+        raise TunedLensError(f"{wfile} does not match {p / CONFIG_FILE} (files of two trainings, or damaged)",
+                             "train the lens again with --force")
+    return blob, digest
+
+
 def check_lens_folder(folder: str | Path) -> dict[str, Any]:
     """What a tuned-lens folder holds, checked as far as it can be without torch and the model.
 
@@ -70,18 +88,7 @@ def check_lens_folder(folder: str | Path) -> dict[str, Any]:
     p = Path(folder)
     cfg = read_lens_config(p)
     if cfg.get("format") == FORMAT:
-        if cfg.get("format_version") != FORMAT_VERSION:
-            raise TunedLensError(f"tuned lens {p} has format version {cfg.get('format_version')!r}, this layerwise "
-                                 f"reads {FORMAT_VERSION}", "train the lens again with this version of layerwise")
-        wfile = p / WEIGHTS_FILE
-        try:
-            blob = wfile.read_bytes()
-        except OSError:
-            raise TunedLensError(f"tuned lens {p} has no readable {WEIGHTS_FILE}", "train the lens again") from None
-        digest = hashlib.sha256(blob).hexdigest()
-        if digest != (cfg.get("weights") or {}).get("sha256"):
-            raise TunedLensError(f"{wfile} does not match {p / CONFIG_FILE} (files of two trainings, or damaged)",
-                                 "train the lens again with --force")
+        blob, digest = read_lens_weights(p, cfg)
         L, d = cfg.get("num_layers"), cfg.get("hidden_size")
         shapes = _safetensors_shapes(blob)
         if shapes is None or shapes.get("weight") != [L, d, d] or shapes.get("bias") != [L, d]:

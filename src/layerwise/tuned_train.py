@@ -456,6 +456,7 @@ def train_lens_command(
     """Everything ``layerwise train-lens`` does: check the inputs and the output folder before
     loading the model (``load``: a :class:`layerwise.config.LoadConfig`, default the default
     model), build the sequences, train, write. Returns the folder written."""
+    from .compat import context_length
     from .config import LoadConfig
     from .data import PROMPT_FORMATS, default_prompts_path, format_prompt, load_examples
     from .models import load_model
@@ -494,7 +495,7 @@ def train_lens_command(
     tok = bundle.tokenizer
     texts = [format_prompt(ex, prompt_format, tok) for ex in examples]
     special = prompt_format != "chat"
-    ctx = _context_length(bundle.model)
+    ctx = context_length(bundle.model)
     if ctx is not None:
         for ex, text in zip(examples, texts):
             n = len(tok.encode(text, add_special_tokens=special))
@@ -524,12 +525,3 @@ def train_lens_command(
         f"mean training KL {sum(info['kl_first_step']) / len(info['kl_first_step']):.3f} → "
         f"{sum(info['kl_last_steps']) / len(info['kl_last_steps']):.3f} nats")
     return out
-
-
-def _context_length(model: Any) -> int | None:
-    cfg = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
