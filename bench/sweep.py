@@ -1,5 +1,6 @@
 """Benchmark: all exit layers in one pass vs plain generate, per-exit truncated generate, and the
-original notebook's method. Prints every time and ratio measured in this one run.
+original notebook's method; the teacher-forced lens against its floor. Prints every time and
+ratio measured in this one run.
 
     python bench/sweep.py                       # default model, CPU, 20 rows, default exits, 64 tokens
     python bench/sweep.py --device cuda --reps 3
@@ -7,7 +8,9 @@ original notebook's method. Prints every time and ratio measured in this one run
 
 Each time is the median of --reps repetitions (the naive method: one repetition on a subset,
 scaled up to the full workload, and labelled as such). Peak RSS of the sweep is measured in a
-fresh child process, so the other methods' allocations do not count.
+fresh child process, so the other methods' allocations do not count. The last lines are the
+four ratios of issue #18, one per line: ``ratio_ideal``, ``speedup_trunc``, ``lens_vs_floor``,
+``full_vs_trunc``.
 """
 
 from __future__ import annotations
@@ -87,6 +90,43 @@ def _truncated(model: Any, adapter: Any, k: int) -> Any:
         if hasattr(part_obj, "config"):
             part_obj.config = cfg
     return ref
+
+
+
+def teacher_forced_rows(bundle: Any, prompt_ids: list[list[int]], ref_ids: list[list[int]]) -> tuple[dict[int, Any], Any]:
+    """The hidden states of every layer at the teacher-forced positions and their targets, as
+    ``runner.run_sweep`` makes them for one batch (one forward over ``prompt | reference``)."""
+    from layerwise.lens import pack_rows
+
+    packed = pack_rows(prompt_ids, ref_ids, bundle.tokenizer.pad_token_id or 0)
+    dev = bundle.device
+    store = bundle.adapter.forward(packed.ids.to(dev), packed.mask.to(dev), select=packed.window)
+    flat = {k: v[packed.valid.to(v.device)] for k, v in store.items()}
+    return flat, packed.targets[packed.valid]
+
+
+def head_floor(adapter: Any, hidden: dict[int, Any], rows_per_matmul: int = 256) -> Callable[[], None]:
+    """The lens's floor: the head's matmuls alone (``Adapter.logits``) on the same rows, in the same
+    chunks and groups of layers as ``lens.layer_stats`` makes them, same dtype; the inputs are
+    normed beforehand, outside the timing."""
+    import torch
+
+    L = adapter.num_layers
+    n = hidden[L].shape[0]
+    with torch.inference_mode():
+        x = {k: adapter.prepare(hidden[k], norm=(k != L)) for k in range(L + 1)}
+    chunk = max(1, min(n, rows_per_matmul))
+    per_group = max(1, rows_per_matmul // chunk)
+
+    def run() -> None:
+        with torch.inference_mode():
+            for s in range(0, n, chunk):
+                e = min(n, s + chunk)
+                adapter.logits(x[L][s:e])
+                for g in range(0, L, per_group):
+                    adapter.logits(torch.cat([x[k][s:e] for k in range(g, min(L, g + per_group))]))
+
+    return run
 
 
 def _naive_generate(bundle: Any, prompt: list[int], k: int, tokens: int) -> list[int]:
@@ -223,19 +263,45 @@ def main(argv: list[str] | None = None) -> int:
         return sw
 
     plain()  # warm-up
-    t_plain = _median_time(plain, args.reps, args.device)
-    print(f"T_plain  {t_plain:8.2f} s   plain generate, all {L} blocks")
-    t_trunc = _median_time(trunc, args.reps, args.device)
-    print(f"T_trunc  {t_trunc:8.2f} s   HF generate once per exit on a truncated model")
-    t_sweep = _median_time(sweep, args.reps, args.device)
+    # Rounds: each method once per round, so that a change of the machine's load between methods
+    # shows as spread (printed) rather than as a bias of one method.
+    runs: dict[str, list[float]] = {"plain": [], "trunc": [], "sweep": [], "full": []}
+    fns = {"plain": plain, "trunc": trunc, "sweep": sweep, "full": full}
+    for _ in range(args.reps):
+        for name, fn in fns.items():
+            runs[name].append(_median_time(fn, 1, args.device))
+    t_plain, t_trunc, t_sweep, t_full = (statistics.median(runs[k]) for k in ("plain", "trunc", "sweep", "full"))
+
+    def reps(name: str) -> str:
+        return ", ".join(f"{t:.2f}" for t in runs[name])
+
+    print(f"T_plain  {t_plain:8.2f} s   plain generate, all {L} blocks  [{reps('plain')}]")
+    print(f"T_trunc  {t_trunc:8.2f} s   HF generate once per exit on a truncated model  [{reps('trunc')}]")
     print(f"T_sweep  {t_sweep:8.2f} s   ours: prefill once, first-token lens of all {L + 1} layers, all exits decoded "
-          f"together with per-step entropy")
-    t_full = _median_time(full, args.reps, args.device)
+          f"together with per-step entropy  [{reps('sweep')}]")
     fs = last["full"]
     print(f"T_full   {t_full:8.2f} s   the whole evaluation pass: + teacher-forced lens of all {L + 1} layers at "
           f"{int(fs.stats.entropy.shape[1])} reference positions ({fs.lens_s:.2f} s; its forward is the prefill), "
-          f"generation {fs.gen_s:.2f} s")
+          f"generation {fs.gen_s:.2f} s  [{reps('full')}]")
     sw = last["full"]
+
+    # The teacher-forced lens (the layer_stats call of run_sweep) against its floor, alternating.
+    flat, tf_targets = teacher_forced_rows(bundle, prompt_ids, refs)
+    floor_fn = head_floor(adapter, flat)
+    t_lens_all, t_floor_all = [], []
+    for _ in range(args.reps):
+        for fn, acc in ((floor_fn, t_floor_all), (lambda: layer_stats(adapter, flat, tf_targets), t_lens_all)):
+            _sync(args.device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(args.device)
+            acc.append(time.perf_counter() - t0)
+    t_floor, t_lens = statistics.median(t_floor_all), statistics.median(t_lens_all)
+    spread = [round(a / b, 3) for a, b in zip(t_lens_all, t_floor_all)]
+    print(f"T_lens   {t_lens:8.2f} s   teacher-forced lens statistics, {L + 1} layers × {tf_targets.shape[0]} positions "
+          f"(lens.layer_stats, as in T_full)")
+    print(f"T_floor  {t_floor:8.2f} s   its floor: the head's matmuls alone on the same rows, same chunks, same dtype "
+          f"(per repetition, lens / floor: {spread})")
 
     # Equal tokens: our sweep vs the truncated reference (a correctness spot check).
     ref_out = trunc()
@@ -264,10 +330,15 @@ def main(argv: list[str] | None = None) -> int:
     frac = sum(exits) / L
     ratio_ideal = t_sweep / (t_plain * frac)
     ratio_full = t_full / (t_plain * frac)
-    print(f"Σk/L = {frac:.3f}")
-    print(f"ratio_ideal   = T_sweep / (T_plain × Σk/L) = {ratio_ideal:.3f}   (target ≤ 0.8);  with the teacher-forced lens "
+    print(f"Σk/L = {frac:.3f}; per round, T_sweep / (T_plain × Σk/L): "
+          f"{[round(a / (b * frac), 3) for a, b in zip(runs['sweep'], runs['plain'])]}, T_full / T_trunc: "
+          f"{[round(a / b, 3) for a, b in zip(runs['full'], runs['trunc'])]}")
+    print(f"T_sweep / (T_plain × Σk/L) = {ratio_ideal:.3f} (target ≤ 0.6);  with the teacher-forced lens "
           f"T_full / (T_plain × Σk/L) = {ratio_full:.3f}")
-    print(f"speedup_trunc = T_trunc / T_sweep = {t_trunc / t_sweep:.2f}   (target ≥ 1.3);  T_trunc / T_full = {t_trunc / t_full:.2f}")
+    print(f"T_trunc / T_sweep = {t_trunc / t_sweep:.2f} (target ≥ 1.3)")
+    print(f"T_lens / T_floor = {t_lens / t_floor:.3f} (target ≤ 1.5)")
+    print(f"T_full / T_trunc = {t_full / t_trunc:.3f} (target ≤ 1): the whole evaluation pass against the simple peer's "
+          f"generation alone")
     if t_naive is not None:
         print(f"speedup_naive = T_naive / T_sweep = {t_naive / t_sweep:.1f}   (target ≥ 20);  T_naive / T_full = {t_naive / t_full:.1f}")
 
@@ -289,9 +360,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("RSS child failed:\n" + child.stderr[-2000:])
 
+    print(f"ratio_ideal = {ratio_ideal:.3f}")
+    print(f"speedup_trunc = {t_trunc / t_sweep:.3f}")
+    print(f"lens_vs_floor = {t_lens / t_floor:.3f}")
+    print(f"full_vs_trunc = {t_full / t_trunc:.3f}")
+
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"T_plain": t_plain, "T_trunc": t_trunc, "T_sweep": t_sweep, "T_full": t_full, "T_naive": t_naive,
+                       "T_lens": t_lens, "T_floor": t_floor, "lens_vs_floor": t_lens / t_floor, "full_vs_trunc": t_full / t_trunc,
                        "ratio_ideal": ratio_ideal, "ratio_full": ratio_full, "memory": mem,
                        "exits": exits, "rows": args.rows, "tokens": n, "device": args.device}, fh, indent=1)
     return 0

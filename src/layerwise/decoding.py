@@ -29,6 +29,7 @@ from .archs import Adapter
 from .config import Decoding, default_exits, validate_exits
 from .errors import ConfigError
 from .families import check_early_exit
+from .scan import scan_logits
 
 
 @dataclass
@@ -186,11 +187,16 @@ def _scaled_stably(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return (raw - top) / temperature
 
 
-def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    # in float64 throughout: a float32 log-softmax depends (in the 7th digit) on how many threads
-    # split its reductions, and so would the results of one process vs a torchrun of several
-    logp = torch.log_softmax(logits.double(), -1)
-    return -(logp.exp() * logp).sum(-1)
+def next_tokens(logits: torch.Tensor, dec: Decoding, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of every row and the entropy (nats) of the row's distribution, both on the
+    CPU: one :func:`layerwise.scan.scan_logits` pass, whose top-1 is ``argmax``'s (the first
+    maximum) for greedy decoding; sampling draws from the logits first. ``logits`` is consumed."""
+    z = logits.float()
+    tok = None if not dec.do_sample else _pick(z, dec, gen)
+    sc = scan_logits(z, top1=tok is None)
+    if tok is None:
+        tok = sc.top1
+    return tok.cpu(), sc.entropy().cpu()
 
 
 def generate_exits(
@@ -264,8 +270,7 @@ def generate_exits(
     out_entropy: list[list[float]] = [[] for _ in range(n_rows)]
     finished = torch.zeros(n_rows, dtype=torch.bool)  # by original row
     alive = torch.arange(n_rows)  # original row index of each current batch row
-    next_tok = _pick(logits0, dec, gen).cpu()
-    ent = _entropy(logits0).cpu()
+    next_tok, ent = next_tokens(logits0, dec, gen)
     active = [int((row_exit >= j + 1).sum()) for j in range(L)]
 
     def tuned_rows(alive_rows: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -317,9 +322,7 @@ def generate_exits(
             steps += 1
             if on_step is not None:
                 on_step()
-            step_logits = out.logits[:, -1].float()
-            next_tok = _pick(step_logits, dec, gen).cpu()
-            ent = _entropy(step_logits).cpu()
+            next_tok, ent = next_tokens(out.logits[:, -1], dec, gen)
     tokens: dict[tuple[int, bool], list[list[int]]] = {g: [[] for _ in range(P)] for g in order}
     entropies: dict[tuple[int, bool], list[list[float]]] = {g: [[] for _ in range(P)] for g in order}
     for r in range(n_rows):

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .archs import Adapter
+from .scan import Scan, scan_logits
 
 STATS = ("entropy", "kl_to_final", "top1_agree", "final_top1_rank", "xent", "entropy_raw", "xent_raw")
 
@@ -50,20 +51,6 @@ class LayerStats:
     top1_ids: torch.Tensor | None = None  # (L+1, N): each layer's most likely token (long)
 
 
-def _log_probs_(z: torch.Tensor, tgt: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Turn logits ``z`` (…, V) into log-probabilities in place; also the cross-entropy of the
-    tokens ``tgt`` (…) when given, as logsumexp(z) − z[tgt] in float64 from the unrounded logits.
-
-    The normaliser is summed in float64 and subtracted once: float32 log-probabilities of large
-    logits (the embedding layer of a tied-embedding model reaches ~176, one float32 ulp = 1.5e-5)
-    would carry the rounding of ``z − logsumexp(z)`` into the cross-entropy.
-    """
-    m = z.amax(-1, keepdim=True)
-    lse = m.double() + torch.sub(z, m).exp_().sum(-1, keepdim=True, dtype=torch.float64).log()
-    x = None if tgt is None else lse.squeeze(-1) - z.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double()
-    return z.sub_(lse.float()), x
-
-
 def layer_stats(
     adapter: Adapter,
     hidden: dict[int, torch.Tensor],
@@ -79,7 +66,8 @@ def layer_stats(
     holds the true next token at each position, or -100 where it is unknown.
 
     The head is memory-bound for few rows, so several layers' positions share one matmul of about
-    ``rows_per_matmul`` rows.
+    ``rows_per_matmul`` rows. Each matmul's logits are then read by :func:`scan_logits`, which
+    gives every statistic in a few passes over cache-sized blocks of rows.
     """
     L = adapter.num_layers
     n = hidden[L].shape[0]
@@ -104,46 +92,33 @@ def layer_stats(
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             zf = adapter.logits(adapter.prepare(hidden[L][s:e], norm=False))  # (c, V), ours to modify
-            tgt = known = None
+            tgt = None
             if want_xent:
                 tgt = targets[s:e].to(zf.device)
-                known = tgt >= 0
-                tgt = tgt.clamp(min=0)
-            logpf, xent_f = _log_probs_(zf, tgt)  # in place: log-probabilities of layer L
-            pf = logpf.exp()
-            top1_f = logpf.argmax(-1)
-            scratch = torch.empty_like(logpf)
+            final = scan_logits(zf, targets=tgt, top_k=top_k, top1=True, keep_exp=True)
+            del zf  # now z - max, no longer needed: the scans of other layers use final.exp
 
-            # Memory: besides the logits of the chunk only p and one scratch buffer exist (every
-            # other step works in place), so a chunk costs about 5 × rows × V floats.
-            # Sums over the vocabulary accumulate in float64: a sequential float32 reduction over
-            # ~50k terms (e.g. CPU einsum) loses ~1e-3 nats, and float32 results can depend on
-            # how many threads split the sum.
-            def record(k: int, normed: bool, logp: torch.Tensor, x: torch.Tensor | None) -> None:
+            def record(k: int, normed: bool, sc: Scan) -> None:
                 ent_key, xent_key = ("entropy", "xent") if normed else ("entropy_raw", "xent_raw")
-                p = pf if k == L else logp.exp()
-                torch.mul(p, logp, out=scratch)
-                out[ent_key][k, s:e] = (-scratch.sum(-1, dtype=torch.float64)).float().cpu()
-                if x is not None:
-                    out[xent_key][k, s:e] = torch.where(known, x, torch.full_like(x, nan)).float().cpu()
+                out[ent_key][k, s:e] = sc.entropy().float().cpu()
+                if want_xent:
+                    out[xent_key][k, s:e] = sc.xent().float().cpu()
                 if not normed:
                     return
+                top1_ids[k, s:e] = sc.top1.cpu()
                 if k < L:
-                    torch.sub(logpf, logp, out=scratch).mul_(pf)
-                    out["kl_to_final"][k, s:e] = scratch.sum(-1, dtype=torch.float64).float().cpu()
-                # ranks by log-probability = ranks by logit
-                top1 = logp.argmax(-1)
-                top1_ids[k, s:e] = top1.cpu()
-                out["top1_agree"][k, s:e] = (top1 == top1_f).float().cpu()
-                ref = logp.gather(-1, top1_f.unsqueeze(-1))
-                out["final_top1_rank"][k, s:e] = torch.count_nonzero(logp > ref, dim=-1).float().cpu()
+                    out["kl_to_final"][k, s:e] = sc.kl_from(final).float().cpu()
+                    out["top1_agree"][k, s:e] = (sc.top1 == final.top1).float().cpu()
+                    out["final_top1_rank"][k, s:e] = sc.rank.cpu()
                 if top_k:
-                    vals, ids = logp.topk(top_k, dim=-1)
+                    ids, probs = sc.topk()
                     topk_ids[k, s:e] = ids.cpu()
-                    topk_probs[k, s:e] = vals.exp().cpu()
+                    topk_probs[k, s:e] = probs.float().cpu()
 
-            record(L, True, logpf, xent_f)
+            record(L, True, final)
             out["kl_to_final"][L, s:e] = 0.0
+            out["top1_agree"][L, s:e] = 1.0
+            out["final_top1_rank"][L, s:e] = 0.0
             if raw:  # layer L is the model's output either way
                 out["entropy_raw"][L, s:e] = out["entropy"][L, s:e]
                 if want_xent:
@@ -153,9 +128,11 @@ def layer_stats(
                 x = torch.cat([adapter.prepare(hidden[k][s:e], norm=normed) for k, normed in group])
                 z_all = adapter.logits(x).view(len(group), e - s, -1)
                 del x
-                _, xent_all = _log_probs_(z_all, None if tgt is None else tgt.expand(len(group), -1))
                 for i, (k, normed) in enumerate(group):
-                    record(k, normed, z_all[i], None if xent_all is None else xent_all[i])
+                    sc = scan_logits(z_all[i], targets=tgt, top_k=top_k if normed else 0, top1=normed,
+                                     rank_of=final.top1 if normed else None,
+                                     against=final.exp if normed and k < L else None)
+                    record(k, normed, sc)
                 del z_all
     return LayerStats(
         entropy=out["entropy"],
@@ -308,6 +285,14 @@ def summary(t: torch.Tensor) -> dict[str, list[float | None]]:
     }
 
 
+def median(t: torch.Tensor) -> torch.Tensor:
+    """Per-row median of a (rows, n) tensor, n ≥ 1: the middle value, or the mean of the two
+    middle values for an even n (``torch.median`` gives the lower one)."""
+    v = t.sort(dim=1).values
+    n = t.shape[1]
+    return (v[:, (n - 1) // 2].double() + v[:, n // 2].double()) / 2
+
+
 def lens_section(st: LayerStats, sel: Any) -> dict[str, Any]:
     """Per-layer summaries of a LayerStats restricted to the positions ``sel``."""
 
@@ -320,7 +305,7 @@ def lens_section(st: LayerStats, sel: Any) -> dict[str, Any]:
         "kl_to_final": summary(sub(st.kl_to_final)),
         "top1_agree": [rounded(v) for v in sub(st.top1_agree).mean(1).tolist()],
         "final_top1_rank": {"mean": [rounded(v) for v in rank.mean(1).tolist()],
-                            "median": [rounded(v) for v in rank.median(1).values.tolist()]},
+                            "median": [rounded(v) for v in median(rank).tolist()]},
     }
     if st.entropy_raw is not None:
         out["entropy_raw"] = summary(sub(st.entropy_raw))
