@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Required, TypedDict
 
@@ -332,6 +332,30 @@ class Deviation:
                 f"allowed ±{self.allowed:.3g}{ci}")
 
 
+def deviation_runs(devs: list[tuple[str, int, float, float | None, float, str | None, Any]]) -> list[tuple[str, int]]:
+    """Deviations ``(metric, layer, baseline, value, allowed, where, interval)`` as lines, each with
+    the number of deviations it stands for: consecutive layers of one metric with the same values
+    (a cumulative curve such as ``decided_top10`` moves at every layer below a change) are one
+    line, "metric at layers a–b (n layers): …"."""
+    out: list[tuple[str, int]] = []
+    i = 0
+    while i < len(devs):
+        metric, layer, base, value, allowed, where, interval = devs[i]
+        j = i + 1
+        while (interval is None and j < len(devs) and devs[j][0] == metric and devs[j][1] == devs[j - 1][1] + 1
+               and devs[j][2:5] == (base, value, allowed) and devs[j][6] is None and (devs[j][5] is None) == (where is None)):
+            j += 1
+        d = Deviation(metric, layer, base, value, allowed, where, interval)
+        if j - i == 1:
+            out.append((str(d), 1))
+        else:
+            last = devs[j - 1][1]
+            span = f"layers {layer}–{last}" if where is None else f"baseline layers {layer}–{last} (relative depth)"
+            out.append((str(replace(d, where=f"{span} ({j - i} layers)")), j - i))
+        i = j
+    return out
+
+
 def _allowed(kind: str, base: float, tolerances: dict[str, tuple[float, float]], spread: float | None = None) -> float:
     a, r = tolerances.get(kind, (0.0, 0.0))
     return max(a, r * abs(base), SPREAD_K * spread if spread else 0.0)
@@ -583,11 +607,14 @@ class Verdict:
 
     def message(self, results_file: str | None = None) -> str:
         """The failure message: the verdict and the summary first, then at most
-        :data:`DETAIL_LINES` deviations, then "and N more"."""
+        :data:`DETAIL_LINES` lines of deviations (a run of layers that moved alike is one line),
+        then "and N more"."""
         lines = [self.line(), *self.summary_lines()]
-        shown = self.deviations[:DETAIL_LINES]
-        lines += [f"  {d}" for d in shown]
-        more = len(self.deviations) - len(shown)
+        runs = deviation_runs([(d.metric, d.layer, d.baseline, d.value, d.allowed, d.where, d.interval)
+                               for d in self.deviations])
+        shown = runs[:DETAIL_LINES]
+        lines += [f"  {text}" for text, _ in shown]
+        more = sum(n for _, n in runs[DETAIL_LINES:])
         if more > 0:
             lines.append(f"  and {more} more — see {results_file or 'the results file'}")
         return "\n".join(lines)

@@ -81,12 +81,14 @@ def markdown(results: dict[str, Any], baseline: dict[str, Any] | None, report: s
     devs = gate.get("deviations") or []
     if devs:
         lines += ["", f"Outside tolerance ({len(devs)}):", ""]
-        for d in devs[:20]:
-            got = "missing" if d["value"] is None else f"{d['value']:.4g}"
-            lines.append(f"- {d['metric']} at layer {d['layer']}: {got} vs baseline {d['baseline']:.4g}, "
-                         f"allowed ±{d['allowed']:.3g}")
-        if len(devs) > 20:
-            lines.append(f"- and {len(devs) - 20} more — see the results file")
+        from .baseline import deviation_runs
+
+        runs = deviation_runs([(d["metric"], d["layer"], d["baseline"], d["value"], d["allowed"], d.get("where"), None)
+                               for d in devs])
+        lines += [f"- {text}" for text, _ in runs[:20]]
+        more = sum(n for _, n in runs[20:])
+        if more:
+            lines.append(f"- and {more} more — see the results file")
     for w in gate.get("warnings") or []:
         lines.append(f"\n> warning: {w}")
     if gate.get("obtained"):
