@@ -89,6 +89,7 @@ def check_lens_folder(folder: str | Path) -> dict[str, Any]:
     cfg = read_lens_config(p)
     if cfg.get("format") == FORMAT:
         blob, digest = read_lens_weights(p, cfg)
+        wfile = p / WEIGHTS_FILE
         L, d = cfg.get("num_layers"), cfg.get("hidden_size")
         shapes = _safetensors_shapes(blob)
         if shapes is None or shapes.get("weight") != [L, d, d] or shapes.get("bias") != [L, d]:
