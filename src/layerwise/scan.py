@@ -21,7 +21,9 @@ With y = z - max(z) (≤ 0, exact near the maximum), e = exp(y) and S = Σ e:
 Sums over the vocabulary are float32 (torch adds them pairwise: relative error ~1e-7) except those
 the KL takes differences of — the final layer's S_f and Σ e_f·y_f, and Σ e_f·y_k, whose terms can
 be hundreds of nats — which accumulate in float64; the per-row terms combine in float64. Ranks
-compare the logits themselves (in log-probabilities float32 rounding can merge neighbours), and the
+compare the logits themselves (in log-probabilities float32 rounding can merge neighbours), a
+logit ranking above the reference's only by more than 2^-20 of its size (float32 noise, so that
+batching cannot move a rank across an exact tie), and the
 top-1 is the first maximum, as ``torch.argmax`` gives it, found from the maxima of 256-wide segments
 (``argmax`` itself is a slow pass). Checked against a float64 reference in
 tests/test_lens_numerics.py.
@@ -36,6 +38,8 @@ import torch
 #: Logits per block on the CPU (1 MiB of float32): each pass after the first reads from cache.
 BLOCK_ELEMENTS = 1 << 18
 _SEG = 256
+#: Relative margin by which a logit must exceed the reference token's to rank above it (2^-20).
+RANK_MARGIN = 2.0 ** -20
 _EXP_FLOOR = -87.0  # exp(-87) = 1.6e-38, just above float32's smallest normal number
 
 
@@ -140,7 +144,10 @@ def scan_logits(
             where = (j * seg + offs).clamp_(max=V - 1)  # a short last segment repeats index V-1
             top[r0:r1] = (j * seg + zb.gather(-1, where).argmax(-1, keepdim=True)).squeeze(-1)
         if rank_of is not None:
+            # a logit counts as above the reference only by more than float32 noise (~1e-6 of its
+            # size): an exact tie perturbed by batching must not move the rank
             ref = zb.gather(-1, rank_of[r0:r1].unsqueeze(-1))
+            ref = ref + ref.abs().clamp(min=1.0) * RANK_MARGIN
             torch.sum(torch.gt(zb, ref, out=cmp[:b]), -1, out=rank[r0:r1])
         if tgt is not None:
             gap[r0:r1] = (m.double() - zb.gather(-1, tgt[r0:r1]).double()).squeeze(-1)
