@@ -9,19 +9,10 @@ import pytest
 import torch
 
 from layerwise import compat
-from tiny_models import FAMILIES, LAYERS, tiny_bundle
+from tiny_models import FAMILIES, LAYERS, left_pad, tiny_bundle
 
 PROMPTS = ([5, 6, 7, 8, 9, 10], [11, 12, 13])
 
-
-def left_pad(seqs):
-    width = max(map(len, seqs))
-    ids = torch.zeros((len(seqs), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    return ids, mask
 
 
 def test_position_ids_from_mask():

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from layerwise.archs import Adapter
 from layerwise.decoding import Decoding, _pick, default_exits, generate_exits, prefill
 from layerwise.lens import capture_hidden, layer_stats, run_lens
-from tiny_models import FAMILIES, LAYERS, VOCAB, tiny_bundle, tiny_model, truncated_copy
+from tiny_models import FAMILIES, LAYERS, VOCAB, left_pad, tiny_bundle, tiny_model, truncated_copy
 
 torch.set_num_threads(max(1, min(torch.get_num_threads(), int(os.environ.get("OMP_NUM_THREADS", "1")))))
 
@@ -51,15 +51,6 @@ def prompts(seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in PROMPT_LENS]
 
-
-def left_pad(seqs: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    return ids, mask
 
 
 @functools.lru_cache(maxsize=None)

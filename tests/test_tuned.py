@@ -25,7 +25,7 @@ from layerwise.tuned_train import (
     training_sequences,
     unique_positions,
 )
-from tiny_models import tiny_bundle
+from tiny_models import random_lens, tiny_bundle
 
 TRAIN_TEXTS = [f"item {i}: the {w} fox jumps over {i * 7} dogs" for i, w in
                enumerate(["quick", "slow", "red", "old", "young", "grey", "small", "big", "sly", "calm",
@@ -43,15 +43,6 @@ def _held_out(bundle):
     return teacher_forced_states(bundle, [tok.encode(t) for t in HELD_TEXTS],
                                  [tok.encode(" and so on, all day.", add_special_tokens=False)] * len(HELD_TEXTS))
 
-
-def _random_lens(bundle, seed=0, scale=0.05):
-    L, d = bundle.adapter.num_layers, bundle.info["hidden_size"]
-    lens = TunedLens(L, d, model=model_identity(bundle))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        lens.weight.copy_(torch.randn(L, d, d, generator=g) * scale)
-        lens.bias.copy_(torch.randn(L, d, generator=g) * scale)
-    return lens
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +89,7 @@ def test_untrained_lens_is_exactly_the_logit_lens(family):
 
 
 def test_layer_L_of_the_tuned_lens_is_the_models_output(llama):
-    lens = _random_lens(llama)
+    lens = random_lens(llama, scale=0.05, frozen=False)
     ids = torch.tensor([llama.tokenizer.encode("the final layer")])
     h = hidden_states_at(llama, ids.tolist(), [list(range(ids.shape[1]))])
     with torch.no_grad():
@@ -112,7 +103,7 @@ def test_tuned_statistics_against_a_hand_computation(family):
     """KL to the final layer and cross-entropy of the tuned lens, from the definition in float64."""
     bundle = tiny_bundle(family)
     hidden, targets = _held_out(bundle)
-    lens = _random_lens(bundle, seed=1)
+    lens = random_lens(bundle, seed=1, scale=0.05, frozen=False)
     st = compare_lenses(bundle.adapter, lens, hidden, targets)["tuned"]
     model, L = bundle.model, bundle.num_layers
     norm, head = bundle.adapter.final_norm, model.get_output_embeddings()
@@ -155,7 +146,7 @@ def test_training_loss_is_the_lens_kl(llama):
     hidden, _ = _held_out(llama)
     L = llama.num_layers
     stacked = torch.stack([hidden[k] for k in range(L + 1)])
-    lens = _random_lens(llama, seed=2)
+    lens = random_lens(llama, seed=2, scale=0.05, frozen=False)
     loss = lens_loss(llama.adapter, lens, stacked, backward=False, rows_per_matmul=7)  # several groups
     st = compare_lenses(llama.adapter, lens, hidden)["tuned"]
     torch.testing.assert_close(loss, st.kl_to_final[:L].mean(1), rtol=1e-4, atol=1e-5)
@@ -289,10 +280,10 @@ def test_save_never_overwrites(llama, trained, tmp_path):
     before = (out / WEIGHTS_FILE).read_bytes()
     with pytest.raises(ConfigError, match="already holds a tuned lens"):
         trained.save(out)
-    other = _random_lens(llama)
+    other = random_lens(llama, scale=0.05, frozen=False)
     other.save(out, replace=True)  # same model: replaced
     assert (out / WEIGHTS_FILE).read_bytes() != before
-    foreign = _random_lens(tiny_bundle("llama", seed=1))
+    foreign = random_lens(tiny_bundle("llama", seed=1), scale=0.05, frozen=False)
     with pytest.raises(ConfigError, match="another folder|trained for"):
         foreign.save(out, replace=True)
     (tmp_path / "notes").mkdir()

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from layerwise.decoding import Decoding, generate_exits
-from layerwise.tuned import TunedLens, model_identity
-from tiny_models import FAMILIES, LAYERS, tiny_bundle, tiny_model, truncated_copy
+from layerwise.tuned import TunedLens
+from tiny_models import FAMILIES, LAYERS, left_pad, random_lens, tiny_bundle, tiny_model, truncated_copy
 
 N_NEW = 10
 EOS = 2
@@ -28,17 +28,6 @@ def _no_grad():
     with torch.no_grad():
         yield
 
-
-def random_lens(bundle, seed: int = 0, scale: float = 0.15) -> TunedLens:
-    """Translators far enough from the identity that tuned and plain exits generate other tokens."""
-    L, d = bundle.adapter.num_layers, bundle.info["hidden_size"]
-    lens = TunedLens(L, d, model=model_identity(bundle))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        lens.weight.copy_(torch.randn(L, d, d, generator=g) * scale)
-        lens.bias.copy_(torch.randn(L, d, generator=g) * scale)
-    lens.requires_grad_(False)
-    return lens
 
 
 class Translator(torch.nn.Module):
@@ -74,15 +63,6 @@ def prompts(seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 96, (n,), generator=g).tolist() for n in (4, 9, 14)]
 
-
-def left_pad(seqs):
-    width = max(map(len, seqs))
-    ids = torch.zeros((len(seqs), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    return ids, mask
 
 
 @functools.lru_cache(maxsize=None)

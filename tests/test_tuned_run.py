@@ -20,7 +20,7 @@ import torch
 from layerwise.config import from_options, lens_option, parse_lens
 from layerwise.errors import ConfigError, TunedLensError
 from layerwise.options import OPTIONS
-from tiny_models import tiny_bundle, tiny_model
+from tiny_models import random_lens, tiny_bundle, tiny_model
 
 pytest_plugins = ["pytester"]
 
@@ -69,17 +69,6 @@ def test_tuned_exits_and_trend_lens_need_a_tuned_lens(tmp_path):
 
 # --------------------------------------------------------------------------- the sweep, against a reference
 
-def _random_lens(bundle, seed=0, scale=0.15):
-    from layerwise.tuned import TunedLens, model_identity
-
-    L, d = bundle.adapter.num_layers, bundle.info["hidden_size"]
-    lens = TunedLens(L, d, model=model_identity(bundle))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        lens.weight.copy_(torch.randn(L, d, d, generator=g) * scale)
-        lens.bias.copy_(torch.randn(L, d, generator=g) * scale)
-    return lens.requires_grad_(False)
-
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
 def test_sweep_tuned_statistics_and_exits_against_a_reference(family):
@@ -89,7 +78,7 @@ def test_sweep_tuned_statistics_and_exits_against_a_reference(family):
 
     torch.manual_seed(7)
     bundle = tiny_bundle(family)
-    lens = _random_lens(bundle, seed=3)
+    lens = random_lens(bundle, seed=3)
     prompt_ids = [torch.randint(3, 96, (n,)).tolist() for n in (5, 9, 7)]
     ref_ids = [torch.randint(3, 96, (n,)).tolist() for n in (4, 6, 2)]
     cfg = RunConfig(decoding=Decoding(max_new_tokens=8), teacher_forced_tokens=6, tuned_lens="x", tuned_exits=True)

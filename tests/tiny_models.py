@@ -119,3 +119,32 @@ def truncated_copy(model: Any, k: int, spec: Any = None) -> Any:
             if isinstance(value, list) and len(value) == L and not name.startswith("_"):
                 setattr(cfg, name, value[:k])
     return ref
+
+
+def left_pad(seqs: list[list[int]], pad: int = 0) -> tuple[Any, Any]:
+    """Left-padded ids and attention mask of token lists, as a tokenizer with left padding gives them."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def random_lens(bundle: Any, seed: int = 0, scale: float = 0.15, frozen: bool = True) -> Any:
+    """A tuned lens for ``bundle`` with random translators (not the identity), so that tuned and
+    plain readings differ; ``frozen``: without gradients."""
+    import torch
+
+    from layerwise.tuned import TunedLens, model_identity
+
+    L, d = bundle.adapter.num_layers, bundle.info["hidden_size"]
+    lens = TunedLens(L, d, model=model_identity(bundle))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        lens.weight.copy_(torch.randn(L, d, d, generator=g) * scale)
+        lens.bias.copy_(torch.randn(L, d, generator=g) * scale)
+    return lens.requires_grad_(not frozen)
