@@ -553,19 +553,7 @@ def test_xdist_results_are_merged_written_once_and_match_a_serial_run(pytester, 
     controller takes that worker's results (pytest_testnodedown), records every test's outcome and
     writes the files once."""
     pytest.importorskip("xdist")
-    pytester.makeconftest("""
-        import os
-        import layerwise.models
-
-        _load = layerwise.models.load_model
-
-        def _counted(*args, **kwargs):
-            with open("model_loads.txt", "a") as fh:
-                fh.write(f"{os.getpid()}\\n")
-            return _load(*args, **kwargs)
-
-        layerwise.models.load_model = _counted
-    """)
+    pytester.makeconftest(COUNT_LOADS)
     pytester.makepyfile(test_user=USER_TESTS)
     pytester.makepyfile(test_more="""
         def test_rows(layerwise_results):
