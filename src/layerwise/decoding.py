@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from . import compat
+from . import buckets, compat
 from .archs import Adapter
 from .config import Decoding, default_exits, validate_exits
 from .errors import ConfigError
@@ -150,7 +150,8 @@ def translated_rows(adapter: Adapter, translate: Callable[[torch.Tensor, int], t
 def prefill(bundle: Any, input_ids: torch.Tensor, mask: torch.Tensor, layers: Sequence[int]) -> Prefill:
     """Run the prompts once through all blocks, keeping the cache and the last-position states."""
     cache = compat.new_cache(bundle.model.config)
-    hidden = bundle.adapter.forward(input_ids, mask, cache=cache, select=slice(-1, None))
+    hidden = buckets.forward(bundle.adapter, input_ids, mask, input_ids.shape[1], cache=cache, select=slice(-1, None),
+                             device=str(bundle.device))
     return Prefill(cache=cache, mask=mask, last_hidden={k: hidden[k][:, 0] for k in layers})
 
 
@@ -284,7 +285,8 @@ def generate_exits(
     use_pos = compat.accepts(model, "position_ids")
     steps = 0
     hook = translated_rows(adapter, tuned.translate, translated) if tuned_sorted else contextlib.nullcontext()
-    with torch.inference_mode(), gated_blocks(adapter, active), hook:
+    room = compat.preallocated(layers[:L], dec.max_new_tokens)
+    with torch.inference_mode(), gated_blocks(adapter, active), hook, room:
         for t in range(dec.max_new_tokens):
             for i, r in enumerate(alive.tolist()):
                 if not finished[r]:
