@@ -24,13 +24,17 @@ What differs, and where it is handled here:
 - which of a block's arguments are per row (sliced with the batch) and which are shared
   (``cache_position``) (:func:`slice_block_call`);
 - whether a model's ``forward`` takes ``position_ids`` (:func:`accepts`), and the positions of a
-  left-padded batch the way ``generate`` makes them (:func:`position_ids_from_mask`).
+  left-padded batch the way ``generate`` makes them (:func:`position_ids_from_mask`);
+- ``DynamicLayer.update`` concatenates every new token onto its keys and values (a copy of the
+  whole cache per step); :func:`preallocated` gives a decode room to write in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any
+import types
+from typing import Any, Iterator
 
 import torch
 
@@ -146,3 +150,53 @@ def context_length(model: Any) -> int | None:
         if isinstance(v, int) and v > 0:
             return v
     return None
+
+
+def _update_in_place(layer: Any, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    kb, vb = layer.layerwise_buffers
+    t, n = layer.keys.shape[-2], key_states.shape[-2]
+    if t + n > kb.shape[-2]:  # out of room: grow (doubling), as the concatenation would have
+        grow = max(t + n, 2 * kb.shape[-2]) - kb.shape[-2]
+        kb = torch.nn.functional.pad(kb, (0, 0, 0, grow))
+        vb = torch.nn.functional.pad(vb, (0, 0, 0, grow))
+        layer.layerwise_buffers = (kb, vb)
+    kb[:, :, t:t + n].copy_(key_states)
+    vb[:, :, t:t + n].copy_(value_states)
+    layer.keys, layer.values = kb[:, :, :t + n], vb[:, :, :t + n]
+    return layer.keys, layer.values
+
+
+def _reorder_in_place(layer: Any, index: torch.Tensor) -> None:
+    kb, vb = layer.layerwise_buffers
+    t = layer.keys.shape[-2]
+    idx = index.to(kb.device)
+    kb, vb = kb.index_select(0, idx), vb.index_select(0, idx)
+    layer.layerwise_buffers = (kb, vb)
+    layer.keys, layer.values = kb[:, :, :t], vb[:, :, :t]
+
+
+@contextlib.contextmanager
+def preallocated(layers: list[Any], extra: int) -> Iterator[None]:
+    """Room for ``extra`` more tokens in every plain ``DynamicLayer`` of ``layers``: its keys and
+    values become views of buffers that ``update`` writes into (``reorder_cache`` selects rows of
+    the buffers), instead of a concatenation that copies the whole cache at every token. Other
+    layers (sliding windows, recurrent states) are left as they are. On exit the layers are
+    plain again (keys and values compacted)."""
+    patched = []
+    for layer in layers:
+        keys = getattr(layer, "keys", None)
+        if type(layer).__name__ != "DynamicLayer" or not isinstance(keys, torch.Tensor) or keys.dim() != 4 or not keys.numel():
+            continue
+        kb = torch.nn.functional.pad(keys, (0, 0, 0, extra))
+        vb = torch.nn.functional.pad(layer.values, (0, 0, 0, extra))
+        layer.layerwise_buffers = (kb, vb)
+        layer.keys, layer.values = kb[:, :, :keys.shape[-2]], vb[:, :, :keys.shape[-2]]
+        layer.update = types.MethodType(_update_in_place, layer)
+        layer.reorder_cache = types.MethodType(_reorder_in_place, layer)
+        patched.append(layer)
+    try:
+        yield
+    finally:
+        for layer in patched:
+            del layer.update, layer.reorder_cache, layer.layerwise_buffers
+            layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
