@@ -105,7 +105,7 @@ def teacher_forced_rows(bundle: Any, prompt_ids: list[list[int]], ref_ids: list[
     return flat, packed.targets[packed.valid]
 
 
-def head_floor(adapter: Any, hidden: dict[int, Any], rows_per_matmul: int = 256) -> Callable[[], None]:
+def head_floor(adapter: Any, hidden: dict[int, Any], rows_per_matmul: int | None = None) -> Callable[[], None]:
     """The lens's floor: the head's matmuls alone (``Adapter.logits``) on the same rows, in the same
     chunks and groups of layers as ``lens.layer_stats`` makes them, same dtype; the inputs are
     normed beforehand, outside the timing."""
@@ -115,7 +115,10 @@ def head_floor(adapter: Any, hidden: dict[int, Any], rows_per_matmul: int = 256)
     n = hidden[L].shape[0]
     with torch.inference_mode():
         x = {k: adapter.prepare(hidden[k], norm=(k != L)) for k in range(L + 1)}
-    chunk = max(1, min(n, rows_per_matmul))
+    from layerwise.lens import ROWS_PER_MATMUL, balanced_chunk
+
+    rows_per_matmul = rows_per_matmul or ROWS_PER_MATMUL
+    chunk = balanced_chunk(n, rows_per_matmul)
     per_group = max(1, rows_per_matmul // chunk)
 
     def run() -> None:

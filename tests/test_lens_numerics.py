@@ -216,3 +216,16 @@ def test_median_rank_is_the_usual_median():
                     xent_raw=None, topk_ids=None, topk_probs=None)
     assert lens_section(st, slice(None))["final_top1_rank"]["median"] == [0.0, 5.5, 3.5]
     assert lens_section(st, slice(0, 3))["final_top1_rank"]["median"] == [0.0, 3.0, 2.0]
+
+
+def test_balanced_chunks_cover_the_positions_in_equal_pieces() -> None:
+    from layerwise.lens import balanced_chunk
+
+    assert balanced_chunk(552, 384) == 276
+    assert balanced_chunk(384, 384) == 384 and balanced_chunk(385, 384) == 193
+    assert balanced_chunk(10, 384) == 10 and balanced_chunk(0, 384) == 1
+    for n in range(1, 2000, 37):
+        c = balanced_chunk(n, 384)
+        pieces = -(-n // c)
+        assert c <= 384 and pieces == -(-n // 384)  # as few chunks as the cap allows
+        assert n - (pieces - 1) * c > 0 and c - (n - (pieces - 1) * c) < pieces  # the last one is not short

@@ -51,6 +51,22 @@ class LayerStats:
     top1_ids: torch.Tensor | None = None  # (L+1, N): each layer's most likely token (long)
 
 
+#: Rows of one head matmul in the lens: the head streams V × d weights per matmul, so more rows
+#: run closer to the matmul's peak (CPU, 49,152 × 576 head: 105 GFLOP/s at 256 rows, 113 at 512),
+#: at the cost of a few (rows × V) float32 buffers.
+ROWS_PER_MATMUL = 384
+
+
+def balanced_chunk(n: int, cap: int) -> int:
+    """Positions per chunk when ``n`` positions are cut into as few chunks of at most ``cap`` as
+    possible, of equal size: 552 positions under a cap of 384 are two chunks of 276, not 384 + 168
+    (a short last chunk runs its matmuls at a fraction of the speed)."""
+    if n <= 0:
+        return 1
+    pieces = -(-n // max(1, cap))
+    return -(-n // pieces)
+
+
 def layer_stats(
     adapter: Adapter,
     hidden: dict[int, torch.Tensor],
@@ -58,7 +74,7 @@ def layer_stats(
     *,
     top_k: int = 0,
     raw: bool = False,
-    rows_per_matmul: int = 256,
+    rows_per_matmul: int = ROWS_PER_MATMUL,
 ) -> LayerStats:
     """Lens statistics from hidden states of layers 0..L, each ``(N, d)`` (positions flattened).
 
@@ -86,7 +102,7 @@ def layer_stats(
     top1_ids = torch.zeros(L + 1, n, dtype=torch.long)
     topk_probs = torch.zeros(L + 1, n, top_k) if top_k else None
     jobs = [(k, True) for k in range(L)] + ([(k, False) for k in range(L)] if raw else [])
-    chunk = max(1, min(n, rows_per_matmul))
+    chunk = balanced_chunk(n, rows_per_matmul)
     per_group = max(1, rows_per_matmul // chunk)
     with torch.inference_mode():
         for s in range(0, n, chunk):
