@@ -208,14 +208,14 @@ def main() -> None:
     lo, hi = args.tokens_list[0], args.tokens_list[-1]
     print(f"model {args.model}, CPU threads {__import__('os').cpu_count()}, batch 20 rows, exits 8/15/23/30, greedy")
     runs = []
-    for r in (int(x) for x in args.rows.split(",")):
+    for r in (int(x) for x in args.rows.split(",")) if args.rows else ():
         t = time.perf_counter()
         runs.append(spawn("sweep", r, args))
-        print(f"  rows {r}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+        print(f"  rows {r}: {time.perf_counter() - t:.0f} s {json.dumps(runs[-1])}", file=sys.stderr, flush=True)
     steps = []
     for r in (int(x) for x in args.step_rows.split(",")) if args.step_rows else ():
         steps.append(spawn("step", r, args))
-        print(f"  step rows {r}: done", file=sys.stderr, flush=True)
+        print(f"  step rows {r}: {json.dumps(steps[-1])}", file=sys.stderr, flush=True)
 
     print()
     print("| rows | new tokens | lens | generation | lens + generation | per row | peak memory − weights |")
@@ -227,17 +227,21 @@ def main() -> None:
             base.setdefault(n, tot / run["rows"])
             print(f"| {run['rows']} | {n} | {run['lens_s']:.1f} s | {gen:.1f} s | {tot:.1f} s | {tot / run['rows']:.2f} s "
                   f"(×{tot / run['rows'] / base[n]:.2f}) | {(peak - run['weights']) / GiB:.2f} GiB |")
-    print(f"\nweights {runs[0]['weights'] / GiB:.2f} GiB (float32). Lens: {runs[0]['positions']} teacher-forced positions per "
-          f"{runs[0]['rows']} rows; the {lo}-token rows are each batch's first {lo} tokens of the {hi}-token run.")
+    if not runs:
+        print("(no sweep runs)")
+    else:
+        print(f"\nweights {runs[0]['weights'] / GiB:.2f} GiB (float32). Lens: {runs[0]['positions']} teacher-forced positions per "
+              f"{runs[0]['rows']} rows; the {lo}-token rows are each batch's first {lo} tokens of the {hi}-token run.")
     if steps:
         print("\n| batch prompts | decode rows | prompt length | time per decode step | per decode row |")
         print("| --- | --- | --- | --- | --- |")
         for s in steps:
             print(f"| {s['rows']} | {s['decode_rows']} | {s['prompt_len']} | {s['step_s'] * 1000:.0f} ms | {s['step_s'] / s['decode_rows'] * 1000:.2f} ms |")
-    growth = [(r["lens_s"] + r["gen_s"]) / r["rows"] for r in runs]
-    print(f"\nper_row_cost_ratio = {max(growth) / min(growth):.2f}  (largest / smallest time per row at {hi} tokens; 1 = linear in rows)")
-    peaks = [r["peak"] - r["weights"] for r in runs]
-    print(f"peak_over_weights_spread = {(max(peaks) - min(peaks)) / GiB:.2f} GiB  (flat in rows: everything is streamed)")
+    if len(runs) > 1:
+        growth = [(r["lens_s"] + r["gen_s"]) / r["rows"] for r in runs]
+        print(f"\nper_row_cost_ratio = {max(growth) / min(growth):.2f}  (largest / smallest time per row at {hi} tokens; 1 = linear in rows)")
+        peaks = [r["peak"] - r["weights"] for r in runs]
+        print(f"peak_over_weights_spread = {(max(peaks) - min(peaks)) / GiB:.2f} GiB  (flat in rows: everything is streamed)")
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": runs, "steps": steps}, indent=1))
 
