@@ -100,10 +100,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from layerwise.config import Decoding
-    from layerwise.data import default_prompts_path, format_prompt, load_examples
+    from layerwise.data import default_prompts_path, load_examples
     from layerwise.decoding import default_exits
     from layerwise.models import load_model
-    from layerwise.runner import RunConfig, sweep_parts
+    from layerwise.runner import RunConfig, encode, sweep_parts
 
     peak = Peak()
     peak.start()
@@ -112,11 +112,11 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     tok = bundle.tokenizer
     ex = load_examples(default_prompts_path(), None)
     rows = [ex[i % len(ex)] for i in range(args.child_rows)]
-    prompt_ids = [tok.encode(format_prompt(e, "alpaca", tok)) for e in rows]
-    ref_ids = [tok.encode(e.reference, add_special_tokens=False) for e in rows]
+    cfg = RunConfig(decoding=Decoding(max_new_tokens=max(args.tokens_list)))  # layerwise run's defaults otherwise
+    enc = encode(cfg, rows, tok, bundle.model, default_prompts_path())  # as the runner encodes them
+    prompt_ids, ref_ids = enc.prompt_ids, enc.ref_ids
     exits = default_exits(bundle.adapter.num_layers)
     first = min(args.tokens_list)
-    cfg = RunConfig(decoding=Decoding(max_new_tokens=max(args.tokens_list)))
     clock = StepClock(peak, first)
 
     # Per batch: the lens, then the decode (run_sweep imports generate_exits at call time, so the
