@@ -72,14 +72,14 @@ def applies(adapter: Any, cache: Any, select: Any) -> bool:
 
 
 def forward(adapter: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int, *, cache: Any = None,
-            select: Any = None, device: str = "cpu", overhead: int | None = None) -> dict[int, torch.Tensor]:
+            select: Any = None, overhead: int | None = None) -> dict[int, torch.Tensor]:
     """``adapter.forward(ids, mask, cache=cache, select=select)`` for a batch of prompts
     left-padded to ``prompt_len`` (followed by columns common to all rows, e.g. right-padded
     references), run in length buckets where that saves compute. ``select``: a slice over the
     position axis (anything else: one padded forward)."""
     lengths = [int(x) for x in mask[:, :prompt_len].sum(1).tolist()]
     if overhead is None:
-        overhead = OVERHEAD_TOKENS["cuda" if str(device).startswith("cuda") else "cpu"]
+        overhead = OVERHEAD_TOKENS["cuda" if ids.device.type == "cuda" else "cpu"]
     groups = plan(lengths, ids.shape[1] - prompt_len, overhead)
     if len(groups) == 1 or not applies(adapter, cache, select):
         return adapter.forward(ids, mask, cache=cache, select=select)
@@ -99,11 +99,12 @@ def forward(adapter: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int
         merged = torch.cat([s[k] for s in stores], dim=0)
         store[k] = merged.index_select(0, inverse.to(merged.device))
     if cache is not None:
+        def merged(parts: list[torch.Tensor]) -> torch.Tensor:  # left-padded back to the common length, rows in order
+            out = torch.cat([torch.nn.functional.pad(t, (0, 0, s, 0)) for t, s in zip(parts, shifts)], dim=0)
+            return out.index_select(0, inverse.to(out.device))
+
         per_bucket = [cache_layers(c) for c in caches]
         for li in range(len(per_bucket[0])):
-            parts = [(layers[li].keys, layers[li].values) for layers in per_bucket]
-            keys = torch.cat([torch.nn.functional.pad(k, (0, 0, s, 0)) for (k, _), s in zip(parts, shifts)], dim=0)
-            values = torch.cat([torch.nn.functional.pad(v, (0, 0, s, 0)) for (_, v), s in zip(parts, shifts)], dim=0)
-            inv = inverse.to(keys.device)
-            cache.update(keys.index_select(0, inv), values.index_select(0, inv), li)
+            cache.update(merged([layers[li].keys for layers in per_bucket]),
+                         merged([layers[li].values for layers in per_bucket]), li)
     return store

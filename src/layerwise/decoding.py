@@ -150,8 +150,7 @@ def translated_rows(adapter: Adapter, translate: Callable[[torch.Tensor, int], t
 def prefill(bundle: Any, input_ids: torch.Tensor, mask: torch.Tensor, layers: Sequence[int]) -> Prefill:
     """Run the prompts once through all blocks, keeping the cache and the last-position states."""
     cache = compat.new_cache(bundle.model.config)
-    hidden = buckets.forward(bundle.adapter, input_ids, mask, input_ids.shape[1], cache=cache, select=slice(-1, None),
-                             device=str(bundle.device))
+    hidden = buckets.forward(bundle.adapter, input_ids, mask, input_ids.shape[1], cache=cache, select=slice(-1, None))
     return Prefill(cache=cache, mask=mask, last_hidden={k: hidden[k][:, 0] for k in layers})
 
 

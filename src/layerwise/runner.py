@@ -176,7 +176,7 @@ def sweep_parts(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[
             R = targets.shape[1]
             seq, mask = packed.ids.to(dev), packed.mask.to(dev)
             cache = new_cache(model.config)
-            store = buckets.forward(adapter, seq, mask, S, cache=cache, select=packed.window, device=str(dev))
+            store = buckets.forward(adapter, seq, mask, S, cache=cache, select=packed.window)
             flat = {k: v[valid.to(v.device)] for k, v in store.items()}
             # Teacher-forced statistics at every reference position; the costlier extras (top-k
             # lists, the raw no-norm lens) only at each row's first response position.
