@@ -308,10 +308,23 @@ def test_bad_layer_and_folder_errors(tmp_path):
 def test_unloadable_model_is_a_config_error_at_load(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert", "num_hidden_layers": 2}')
     s = Scorer(str(tmp_path))  # resolvable: the failure comes when the weights are loaded
-    with pytest.raises(ConfigError) as exc:
-        s.load()
-    msg = str(exc.value)
-    assert "\n" not in msg and "cannot be loaded" in msg and "--bertscore-model none" in msg
+    for attempt in (s.load, s.check):
+        with pytest.raises(ConfigError) as exc:
+            attempt()
+        msg = str(exc.value)
+        assert "\n" not in msg and "cannot be loaded" in msg and "--bertscore-model none" in msg
+
+
+def test_check_proves_the_model_loads_and_holds_nothing():
+    """evaluate() checks the BERTScore model before the run and lets it go: the model under test
+    runs without it beside it; scoring loads it again and gives the same scores."""
+    s = Scorer().check()
+    assert s._bert is None
+    hyp, ref = ["The cat sat on the mat."], ["A cat was sitting on the mat."]
+    first = s.score(hyp, ref)
+    assert s._bert is not None
+    again = Scorer().load().score(hyp, ref)
+    assert first == again
 
 
 def test_module_import_is_light():

@@ -4,6 +4,8 @@ Loading casts and quantizes tensor after tensor. glibc serves allocations below 
 to 32 MiB) mmap threshold from the heap, so the kept weights (a 4-bit block matrix is 8-22 MiB)
 land between the freed temporaries, and the heap cannot give those holes back: loading a
 Llama-2-7B-shaped model in 4 bits on CPU left 1.4 GiB of freed memory resident (bench/llama7b.py).
+The first forward belongs to the load: on a CPU with AVX512-BF16, bitsandbytes repacks every 4-bit
+weight then (unpacking it to int32 on the way), which left 0.7 GiB more when it ran after.
 While weights load, every allocation of 1 MiB or more is its own mapping, returned to the system
 when freed; afterwards the threshold is the one glibc's steady state reaches (32 MiB) and the heap
 is trimmed once.

@@ -209,6 +209,14 @@ class Scorer:
             self._bert = self._make_bertscorer()
         return self
 
+    def check(self) -> "Scorer":
+        """Load the BERTScore model to prove it loads, then let it go: a long run fails early on a
+        model that cannot be loaded, and does not hold it (90 MB for the default, 1.4 GB for
+        roberta-large) beside the model under test until scoring loads it again."""
+        if self.bertscore_enabled and self._bert is None:
+            self._make_bertscorer()
+        return self
+
     def _make_bertscorer(self) -> Any:
         import bert_score
         import torch  # noqa: F401  (bert_score needs it; imported here to keep module import light)

@@ -415,20 +415,22 @@ def load_model(
         tokenizer = attempt(lambda: AutoTokenizer.from_pretrained(location, **hub_kwargs), "a tokenizer from", tok_fix)
         return config, model, tokenizer
 
-    with lean_loading():  # casts and quantization leave no freed memory resident (heap.py)
+    from .proof import proven_adapter
+
+    # Casts, quantization and the first forwards (the proof; bitsandbytes repacks its CPU weights
+    # on the first one) leave no freed memory resident (heap.py).
+    with lean_loading():
         if src.kind != "gguf":
             config, model, tokenizer = load_parts(location)
         else:
             config, model, tokenizer = _load_cached(src, sha, location, load_parts)
         if quantization is None and device_map is None:
             model.to(dev)
-    if adapter is not None:
-        model, info["adapter"] = apply_adapter(model, adapter, token=token, cache_dir=cache_dir)
-    model.eval()
-    prepare_tokenizer(tokenizer, model)
-    from .proof import proven_adapter
-
-    adapter, proof = proven_adapter(model)
+        if adapter is not None:
+            model, info["adapter"] = apply_adapter(model, adapter, token=token, cache_dir=cache_dir)
+        model.eval()
+        prepare_tokenizer(tokenizer, model)
+        adapter, proof = proven_adapter(model)
     info.update(describe_model(model, adapter))
     info["lens_proof"] = proof
     hf_map = getattr(model, "hf_device_map", None)

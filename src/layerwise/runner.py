@@ -284,10 +284,10 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
     data_path = Path(config.prompts) if config.prompts else default_prompts_path()
     if examples is None:
         examples = load_examples(data_path, config.limit)
-    # a bad BERTScore model fails now, not after the run (it is loaded where the scoring happens)
+    # a bad BERTScore model fails now, not after the run; it is loaded again where the scoring happens
     scorer = Scorer(bertscore_model=config.bertscore_model, bertscore_num_layers=config.bertscore_num_layers)
     if shard is None or shard.rank == 0:
-        scorer.load()
+        scorer.check()
 
     t0 = time.perf_counter()
     if bundle is None:
