@@ -107,4 +107,6 @@ def forward(adapter: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int
         for li in range(len(per_bucket[0])):
             cache.update(merged([layers[li].keys for layers in per_bucket]),
                          merged([layers[li].values for layers in per_bucket]), li)
+            for layers in per_bucket:  # the buckets' copy of this layer is merged: free it now, not at the end
+                layers[li].keys = layers[li].values = None
     return store

@@ -86,9 +86,15 @@ def select_cache_rows(layer: Any, index: torch.Tensor) -> None:
 
 
 def crop_cache(cache: Any, tokens: int) -> None:
-    """Drop the last ``tokens`` positions from every layer of ``cache``."""
+    """Drop the last ``tokens`` positions from every layer of ``cache``, and free them: a cropped
+    layer's keys and values are views of the longer tensors until they are copied."""
     if tokens > 0:
         cache.crop(-tokens)
+        for layer in cache_layers(cache):
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor) and not t.is_contiguous():
+                    setattr(layer, name, t.contiguous())
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:

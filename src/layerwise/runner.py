@@ -177,7 +177,10 @@ def sweep_parts(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[
             seq, mask = packed.ids.to(dev), packed.mask.to(dev)
             cache = new_cache(model.config)
             store = buckets.forward(adapter, seq, mask, S, cache=cache, select=packed.window)
+            crop_cache(cache, R)  # keep the prompts' part: the prefill for decoding
+            last_hidden = {k: store[k][:, 0].clone() for k in exits}
             flat = {k: v[valid.to(v.device)] for k, v in store.items()}
+            del store
             # Teacher-forced statistics at every reference position; the costlier extras (top-k
             # lists, the raw no-norm lens) only at each row's first response position.
             st = layer_stats(adapter, flat, targets[valid])
@@ -204,9 +207,8 @@ def sweep_parts(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[
             lens_bar.update(len(rows))
 
             t2 = time.perf_counter()
-            crop_cache(cache, R)  # keep the prompts' part: the prefill for decoding
-            pre = Prefill(cache=cache, mask=mask[:, :S], last_hidden={k: store[k][:, 0] for k in exits})
-            del store, flat
+            pre = Prefill(cache=cache, mask=mask[:, :S], last_hidden=last_hidden)
+            del flat
             g = generate_exits(bundle, seq[:, :S], mask[:, :S], exits, dec, prefilled=pre, on_step=gen_bar.update,
                                tuned=tuned, tuned_exits=t_exits)
             gen_bar.update(dec.max_new_tokens - 1 - g.steps)  # a batch that stops early finishes its share
