@@ -14,14 +14,16 @@ def _sdpa(query, key, value, mask, scaling):
     return out.transpose(1, 2)
 
 
+@pytest.mark.parametrize("E", [3, 1])
 @pytest.mark.parametrize("hkv,g", [(2, 1), (3, 3), (1, 4)])
-def test_attend_equals_sdpa_over_the_repeated_cache(hkv, g):
+def test_attend_equals_sdpa_over_the_repeated_cache(hkv, g, E):
     """P prompts (left-padded), rows exit-major with some rows missing (compaction), t generated
-    positions per row: the two-part attention equals sdpa over prompt keys + the row's own keys."""
+    positions per row: the attention equals sdpa over prompt keys + the row's own keys — in the
+    two-part layout (E = 3 groups reach the block) and in the one-buffer layout (E = 1)."""
     from layerwise.attention import SharedPrefix
 
     gen = torch.Generator().manual_seed(hkv * 10 + g)
-    P, S, D, E, room = 3, 7, 8, 3, 5
+    P, S, D, room = 3, 7, 8, 5
     lengths = [7, 4, 2]
     pmask = torch.tensor([[0] * (S - n) + [1] * n for n in lengths])
     keys = torch.randn(P, hkv, S, D, generator=gen)
@@ -40,7 +42,7 @@ def test_attend_equals_sdpa_over_the_repeated_cache(hkv, g):
     alive = list(range(n_rows))
     for t in range(room):
         if t == 2:  # drop rows 1 and 4 (as the decode drops finished rows)
-            keep = torch.tensor([i for i, r in enumerate(alive) if r not in (1, 4)])
+            keep = torch.tensor([i for i, r in enumerate(alive) if r not in (1, 4)], dtype=torch.long)
             sp.keep(keep, [len(alive)])
             alive = [alive[i] for i in keep.tolist()]
         n = len(alive)  # a block runs on all its rows at every step (finished rows ride along)

@@ -110,8 +110,8 @@ def _prove(model: Any, num_layers: int) -> bool:
             layers = cache_layers(cache)[:num_layers]
             if len(layers) < num_layers or not _plain(layers):
                 return False
-            shared = SharedPrefix(layers, mask, torch.arange(2), torch.zeros(2, dtype=torch.long),
-                                  [2] * num_layers, 1)
+            shared = SharedPrefix(layers, mask, torch.arange(2).repeat(2), torch.tensor([0, 0, 1, 1]),
+                                  [4] * num_layers, 1)  # two groups: the two-part layout everywhere
             real = shared.attend
 
             def counted(j: int, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -120,37 +120,48 @@ def _prove(model: Any, num_layers: int) -> bool:
 
             shared.attend = counted  # type: ignore[method-assign]
             with shared.installed():
-                got = model(input_ids=step, position_ids=pos, use_cache=False).logits[:, -1].float()
+                got = model(input_ids=step.repeat(2, 1), position_ids=pos.repeat(2, 1),
+                            use_cache=False).logits[:, -1].float()
             want = model(input_ids=step, attention_mask=torch.cat([mask, mask.new_ones(2, 1)], dim=1),
                          position_ids=pos, use_cache=True, **{cache_kwarg(model): cache}).logits[:, -1].float()
     except Exception:  # noqa: BLE001 - a model that cannot decode this way decodes the plain way
         return False
     scale = float(want.abs().max()) or 1.0
     return (sorted(calls) == list(range(num_layers)) and bool(torch.isfinite(got).all())
-            and float((got - want).abs().max()) <= 1e-4 * scale)
+            and float((got - want.repeat(2, 1)).abs().max()) <= 1e-4 * scale)
 
 
 class SharedPrefix:
-    """The decode's keys and values: the prompts' part once per prompt (``P`` rows), each row's
-    generated part in its own buffer. Rows are the decode's batch rows; block ``j`` runs on the
-    first ``active[j]`` of them (deepest exit first), so its buffers hold that many rows."""
+    """The decode's keys and values. Rows are the decode's batch rows, group-major (``row_slot``:
+    the group, ``row_prompt``: the prompt); block ``j`` runs on the first ``active[j]`` of them
+    (deepest exit first), so its buffers hold that many rows. A block that more than one group
+    reaches keeps the prompts' part once per prompt and each row's generated part in a buffer of
+    its own (two-part attention); a block only the first group reaches has one row per prompt, so
+    it keeps one buffer per row, prompt part copied in, and attends with sdpa over it."""
 
     def __init__(self, layers: list[Any], prompt_mask: torch.Tensor, row_prompt: torch.Tensor,
                  row_slot: torch.Tensor, active: list[int], room: int) -> None:
+        p, s_len = prompt_mask.shape
         self.prefix = [(layer.keys, layer.values) for layer in layers]  # (P, Hkv, S, D), no copy
         self.mask = prompt_mask.bool()[:, None, None, :]  # (P, 1, 1, S): True where a prompt token is
         self.row_prompt = row_prompt.to(prompt_mask.device)
         self.row_slot = row_slot.to(prompt_mask.device)
-        self.slots = int(row_slot.max()) + 1 if row_slot.numel() else 1
-        self.gen = [(k.new_empty(n, k.shape[1], room, k.shape[3]), v.new_empty(n, v.shape[1], room, v.shape[3]))
-                    for (k, v), n in zip(self.prefix, active)]
+        self.prompt_len = s_len
+        self.gen: list[tuple[torch.Tensor, ...]] = []
+        for (k, v), n in zip(self.prefix, active):
+            if n <= p:  # the first group only: rows are the prompts, in order
+                pad = (0, 0, 0, room)
+                whole_mask = torch.nn.functional.pad(self.mask[:n], (0, room), value=True)
+                self.gen.append((torch.nn.functional.pad(k[:n], pad), torch.nn.functional.pad(v[:n], pad), whole_mask))
+            else:
+                self.gen.append((k.new_empty(n, k.shape[1], room, k.shape[3]), v.new_empty(n, v.shape[1], room, v.shape[3])))
         self.t = 0  # generated positions stored
 
     def keep(self, keep: torch.Tensor, active: list[int]) -> None:
         """Keep the batch rows ``keep`` (ascending); ``active`` is the rows per block before."""
-        for j, (k, v) in enumerate(self.gen):
+        for j, bufs in enumerate(self.gen):
             idx = keep[keep < active[j]]
-            self.gen[j] = (k.index_select(0, idx), v.index_select(0, idx))
+            self.gen[j] = tuple(b.index_select(0, idx) for b in bufs)
         self.row_prompt, self.row_slot = self.row_prompt[keep], self.row_slot[keep]
 
     def attend(self, j: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -159,19 +170,29 @@ class SharedPrefix:
         ``value`` (n, Hkv, 1, D), stored at position ``t``. Returns (n, 1, H, D)."""
         n, h, _, d = query.shape
         pk, pv = self.prefix[j]
-        gk, gv = self.gen[j]
         p, hkv = pk.shape[0], pk.shape[1]
         g = h // hkv
         t = self.t
+        scale = d ** -0.5 if scaling is None else scaling
+        if len(self.gen[j]) == 3:  # one row per prompt: its whole cache in one buffer
+            wk, wv, wm = self.gen[j]
+            end = self.prompt_len + t
+            wk[:n, :, end] = key[:, :, 0]
+            wv[:n, :, end] = value[:, :, 0]
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, wk[:n, :, : end + 1], wv[:n, :, : end + 1], attn_mask=wm[:n, :, :, : end + 1], scale=scale,
+                enable_gqa=g > 1)
+            return out.transpose(1, 2).contiguous()
+        gk, gv = self.gen[j]
         gk[:n, :, t] = key[:, :, 0]
         gv[:n, :, t] = value[:, :, 0]
-        scale = d ** -0.5 if scaling is None else scaling
         q = query.reshape(n, hkv, g, d)
         rp, rs = self.row_prompt[:n], self.row_slot[:n]
+        slots = int(rs.max()) + 1  # the groups this block reaches
         # The prompts' part: every row's query beside the other rows of its prompt, one matmul per prompt.
-        qp = q.new_zeros(p, hkv, self.slots, g, d)
+        qp = q.new_zeros(p, hkv, slots, g, d)
         qp[rp, :, rs] = q
-        s1 = torch.matmul(qp.view(p, hkv, self.slots * g, d), pk.transpose(-1, -2)).mul_(scale)
+        s1 = torch.matmul(qp.view(p, hkv, slots * g, d), pk.transpose(-1, -2)).mul_(scale)
         s1.masked_fill_(~self.mask, float("-inf"))
         m1 = s1.amax(-1, keepdim=True)
         e1 = s1.sub_(m1).exp_()
@@ -179,7 +200,7 @@ class SharedPrefix:
         o1 = torch.matmul(e1, pv)  # (P, Hkv, slots·G, D), not yet divided by l1
 
         def rows(x: torch.Tensor) -> torch.Tensor:
-            return x.view(p, hkv, self.slots, g, x.shape[-1])[rp, :, rs]  # (n, Hkv, G, ·)
+            return x.view(p, hkv, slots, g, x.shape[-1])[rp, :, rs]  # (n, Hkv, G, ·)
 
         o1, m1, l1 = rows(o1), rows(m1), rows(l1)
         # Each row's generated part.
