@@ -25,6 +25,14 @@ def test_4bit_loads_and_records_quantization(q4, default_bundle):
     assert q == {"method": "bitsandbytes-4bit", "quant_type": "nf4", "compute_dtype": "float32", "double_quant": True}
     assert any("de-quantized" in n for n in q4.info.get("notes", []))
     assert q4.info["weight_bytes"] < 0.5 * default_bundle.info["weight_bytes"]
+    # the weights' bytes count bitsandbytes' per-block absmax beside the packed parameters
+    from layerwise.models import quant_state_bytes
+
+    packed = sum(p.numel() * p.element_size() for p in q4.model.parameters())
+    consts = quant_state_bytes(q4.model)
+    blocks = sum(p.numel() * 2 for p in q4.model.parameters() if getattr(p, "quant_state", None) is not None) // 64
+    assert blocks <= consts // 1 and q4.info["weight_bytes"] == packed + consts
+    assert quant_state_bytes(default_bundle.model) == 0
     assert "Linear4bit" in type(q4.model.model.layers[0].mlp.down_proj).__name__
 
 

@@ -518,10 +518,33 @@ def prepare_tokenizer(tokenizer: Any, model: Any) -> None:
             tokenizer.add_special_tokens({"pad_token": tokenizer.convert_ids_to_tokens(0)})
 
 
+def quant_state_bytes(model: Any) -> int:
+    """Bytes of the quantization constants bitsandbytes keeps beside 4-bit parameters (per-block
+    absmax, codebooks, the nested quantization's own): part of what the weights occupy. Once
+    bitsandbytes has repacked its CPU weights (AVX512-BF16), absmax is float32: 1/16 of a byte per
+    weight more than the packed 4 bits."""
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        st = getattr(p, "quant_state", None)
+        if st is None:
+            continue
+        nested = getattr(st, "state2", None)
+        for t in (getattr(st, "absmax", None), getattr(st, "code", None), getattr(st, "offset", None),
+                  getattr(nested, "absmax", None), getattr(nested, "code", None)):
+            if isinstance(t, torch.Tensor) and t.numel() and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
 def describe_model(model: Any, adapter: Adapter) -> dict[str, Any]:
     cfg = model.config
     params = list(model.parameters()) + list(model.buffers())
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # what the weights occupy: the parameters, and a quantized model's constants beside them
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + quant_state_bytes(model)
     dtype = str(next(iter(params)).dtype).replace("torch.", "") if params else None
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     return {

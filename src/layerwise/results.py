@@ -36,7 +36,7 @@ class ModelInfo(TypedDict, total=False):
     dtype: Required[str | None]
     device: Required[str]
     quantization: dict[str, Any] | None
-    weight_bytes: int
+    weight_bytes: int  # the parameters, and a quantized model's constants (absmax, codebooks) beside them
     adapter: dict[str, Any] | None
     notes: list[str]
     lens_proof: dict[str, Any]
