@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A second venv, .venv-floor, with the LOWEST supported versions of the dependencies that
 # layerwise reaches into (transformers, torch), for CI's floor run of the engine and sweep tests:
-#   bash scripts/setup-floor.sh && .venv-floor/bin/python -m pytest tests/test_engine.py tests/test_sweep.py tests/test_compat.py tests/test_buckets.py tests/test_attention.py
+#   bash scripts/setup-floor.sh && .venv-floor/bin/python -m pytest tests/test_engine.py tests/test_sweep.py tests/test_compat.py tests/test_buckets.py
 # The floors are read from pyproject.toml (">=X" of torch and transformers), so this script never
 # disagrees with what the package declares.
 set -euo pipefail

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from . import attention, buckets, compat
+from . import buckets, compat
 from .archs import Adapter
 from .config import Decoding, default_exits, validate_exits
 from .errors import ConfigError
@@ -256,18 +256,12 @@ def generate_exits(
                                            else pre.last_hidden[g[0]].to(dev), norm=(g[0] != L)) for g in order}
     logits0 = torch.cat([first_logits[g] for g in order], dim=0)
 
+    # Expand the prompts' cache: block j keeps the rows whose exit is >= j+1.
     layers = compat.cache_layers(pre.cache)
     reps = [sum(1 for e, _ in order if e >= j + 1) for j in range(L)]
-    active = [reps[j] * P for j in range(L)]
-    shared = None
-    if attention.shares(model, layers, L, dev):  # the prompts' keys once per prompt (attention.py)
-        row_slot = torch.tensor([i for i in range(len(order)) for _ in range(P)])
-        shared = attention.SharedPrefix(layers[:L], attention_mask, torch.arange(P).repeat(len(order)), row_slot,
-                                        active, dec.max_new_tokens)
-    else:  # expand the prompts' cache: block j keeps the rows whose exit is >= j+1
-        for j, layer in enumerate(layers[:L]):
-            if reps[j] > 1:  # rows exit-major: the prompts' rows, once per exit that reaches block j
-                compat.select_cache_rows(layer, torch.arange(P).repeat(reps[j]))
+    for j, layer in enumerate(layers[:L]):
+        if reps[j] > 1:  # rows exit-major: the prompts' rows, once per exit that reaches block j
+            compat.select_cache_rows(layer, torch.arange(P).repeat(reps[j]))
     mask = attention_mask.repeat(len(order), 1)
     last_pos = compat.position_ids_from_mask(attention_mask)[:, -1].repeat(len(order))
 
@@ -277,6 +271,7 @@ def generate_exits(
     finished = torch.zeros(n_rows, dtype=torch.bool)  # by original row
     alive = torch.arange(n_rows)  # original row index of each current batch row
     next_tok, ent = next_tokens(logits0, dec, gen)
+    active = [int((row_exit >= j + 1).sum()) for j in range(L)]
 
     def tuned_rows(alive_rows: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         """(exit k, batch rows) of the alive rows decoded through translator k (k < L)."""
@@ -289,7 +284,7 @@ def generate_exits(
     use_pos = compat.accepts(model, "position_ids")
     steps = 0
     hook = translated_rows(adapter, tuned.translate, translated) if tuned_sorted else contextlib.nullcontext()
-    room = shared.installed() if shared is not None else compat.preallocated(layers[:L], dec.max_new_tokens)
+    room = compat.preallocated(layers[:L], dec.max_new_tokens)
     with torch.inference_mode(), gated_blocks(adapter, active), hook, room:
         for t in range(dec.max_new_tokens):
             for i, r in enumerate(alive.tolist()):
@@ -307,32 +302,24 @@ def generate_exits(
             if int(fin.sum()) >= max(1.0, compact_fraction * len(alive)):
                 keep = (~fin).nonzero().squeeze(-1)
                 keep_dev = keep.to(dev)
-                if shared is not None:
-                    shared.keep(keep_dev, active)
-                else:
-                    for j, layer in enumerate(layers[:L]):
-                        compat.select_cache_rows(layer, keep_dev[keep_dev < active[j]])
+                for j, layer in enumerate(layers[:L]):
+                    compat.select_cache_rows(layer, keep_dev[keep_dev < active[j]])
                 alive, next_tok, ent = alive[keep], next_tok[keep], ent[keep]
                 mask, last_pos = mask[keep_dev], last_pos[keep_dev]
                 active[:] = [int((row_exit[alive] >= j + 1).sum()) for j in range(L)]
                 translated[:] = tuned_rows(alive)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             last_pos = last_pos + 1
-            if shared is not None:  # no cache: the attention keeps the keys and values (attention.py)
-                out = model(input_ids=next_tok.to(dev).unsqueeze(-1), position_ids=last_pos.unsqueeze(-1),
-                            use_cache=False, logits_to_keep=1)
-                shared.t += 1
-            else:
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-                kwargs: dict[str, Any] = {ckw: pre.cache}
-                if use_pos:
-                    kwargs["position_ids"] = last_pos.unsqueeze(-1)
-                out = model(
-                    input_ids=next_tok.to(dev).unsqueeze(-1),
-                    attention_mask=mask,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **kwargs,
-                )
+            kwargs: dict[str, Any] = {ckw: pre.cache}
+            if use_pos:
+                kwargs["position_ids"] = last_pos.unsqueeze(-1)
+            out = model(
+                input_ids=next_tok.to(dev).unsqueeze(-1),
+                attention_mask=mask,
+                use_cache=True,
+                logits_to_keep=1,
+                **kwargs,
+            )
             steps += 1
             if on_step is not None:
                 on_step()
