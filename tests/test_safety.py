@@ -272,12 +272,18 @@ def test_sigint_during_the_renames_is_deferred_until_the_set_is_complete(tmp_pat
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right after the first file is replaced
             time.sleep(0.05)
 
-    handler = signal.getsignal(signal.SIGINT)
-    monkeypatch.setattr(os, "replace", replace_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        write_set([(a, b"new"), (b, b"new")])
-    assert done == ["a", "b"] and a.read_text() == b.read_text() == "new"
-    assert signal.getsignal(signal.SIGINT) is handler
+    # Ctrl-C's own handler for the test's span: something earlier in the session may have left
+    # SIGINT ignored (deferral then rightly delivers it to "ignore", and nothing is raised).
+    ambient = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        handler = signal.getsignal(signal.SIGINT)
+        monkeypatch.setattr(os, "replace", replace_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            write_set([(a, b"new"), (b, b"new")])
+        assert done == ["a", "b"] and a.read_text() == b.read_text() == "new"
+        assert signal.getsignal(signal.SIGINT) is handler
+    finally:
+        signal.signal(signal.SIGINT, ambient)
 
 
 def test_sigterm_during_the_renames_still_completes_the_set(tmp_path):
