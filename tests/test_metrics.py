@@ -319,12 +319,58 @@ def test_check_proves_the_model_loads_and_holds_nothing():
     """evaluate() checks the BERTScore model before the run and lets it go: the model under test
     runs without it beside it; scoring loads it again and gives the same scores."""
     s = Scorer().check()
-    assert s._bert is None
+    assert s._bert is None and s._rouge_scorer is None
     hyp, ref = ["The cat sat on the mat."], ["A cat was sitting on the mat."]
     first = s.score(hyp, ref)
     assert s._bert is not None
     again = Scorer().load().score(hyp, ref)
     assert first == again
+
+
+def test_check_runs_in_a_child_and_imports_nothing_here():
+    """The check loads the model in a child process: this process imports neither bert-score
+    (pandas, matplotlib) nor rouge-score (nltk), which would stay resident through the run."""
+    code = (
+        "import sys, layerwise.metrics as m\n"
+        "m.Scorer().check()\n"
+        "print(sorted(h for h in ('bert_score', 'pandas', 'matplotlib', 'nltk', 'rouge_score') if h in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[]"]
+
+
+def test_check_of_a_missing_model_fails_with_the_childs_one_line(tmp_path):
+    """What the child meets comes back as the same one-line error an in-process load gives."""
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "num_hidden_layers": 2}')
+    with pytest.raises(ConfigError) as in_child:
+        Scorer(str(tmp_path)).check()
+    with pytest.raises(ConfigError) as here:
+        Scorer(str(tmp_path)).load()
+    assert str(in_child.value) == str(here.value)
+
+
+def test_checking_stops_its_child_when_the_block_fails(monkeypatch):
+    import layerwise.metrics as m
+
+    started = []
+    real = m._start_check_child
+    monkeypatch.setattr(m, "_start_check_child", lambda scorer: started.append(real(scorer)) or started[-1])
+    with pytest.raises(KeyboardInterrupt):
+        with Scorer().checking():
+            raise KeyboardInterrupt
+    assert started and started[0].poll() is not None  # killed and reaped, not left running
+    assert started[0].returncode != 0
+
+
+def test_check_falls_back_to_this_process_without_a_child(monkeypatch, tmp_path):
+    """No child could start (or it gave no answer): the check runs here, with the same error."""
+    import layerwise.metrics as m
+
+    monkeypatch.setattr(m, "_start_check_child", lambda scorer: None)
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "num_hidden_layers": 2}')
+    with pytest.raises(ConfigError, match="cannot be loaded"):
+        Scorer(str(tmp_path)).check()
+    assert Scorer().check()._bert is None
 
 
 def test_module_import_is_light():

@@ -16,6 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
+# In-process pytester runs put sys.modules back as it was after each run. A torch first imported
+# inside one of them is dropped from sys.modules while its C extension stays loaded, and this
+# process can then not import it again ("SystemError: ... bad call flags" when this file runs
+# alone). Imported here, it is part of what every run puts back.
+import torch  # noqa: F401
 
 from layerwise.options import OPTIONS
 

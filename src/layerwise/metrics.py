@@ -22,12 +22,13 @@ Conventions (recorded in the results JSON through :meth:`Scorer.describe`):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import ConfigError
 
@@ -148,11 +149,18 @@ class Scorer:
         self._bleu_signature: str | None = None
         self._resolve(bertscore_model, bertscore_num_layers)
 
-        from rouge_score import rouge_scorer
         from sacrebleu.metrics import BLEU
 
         self._bleu_cls = BLEU
-        self._rouge = rouge_scorer.RougeScorer(["rougeL", "rougeLsum"], use_stemmer=True)
+        self._rouge_scorer: Any = None  # rouge-score imports nltk (18 MB): not before the first score
+
+    @property
+    def _rouge(self) -> Any:
+        if self._rouge_scorer is None:
+            from rouge_score import rouge_scorer
+
+            self._rouge_scorer = rouge_scorer.RougeScorer(["rougeL", "rougeLsum"], use_stemmer=True)
+        return self._rouge_scorer
 
     # ---------------------------------------------------------------- model resolution
 
@@ -210,12 +218,37 @@ class Scorer:
         return self
 
     def check(self) -> "Scorer":
-        """Load the BERTScore model to prove it loads, then let it go: a long run fails early on a
-        model that cannot be loaded, and does not hold it (90 MB for the default, 1.4 GB for
-        roberta-large) beside the model under test until scoring loads it again."""
-        if self.bertscore_enabled and self._bert is None:
-            self._make_bertscorer()
+        """Prove that the BERTScore model loads, and keep nothing of it: a long run fails early
+        on a model that cannot be loaded, and does not hold it (90 MB for the default, 1.4 GB for
+        roberta-large) nor bert-score's imports (pandas, matplotlib: ~50 MB more, which no
+        process gives back) beside the model under test until scoring needs them.
+        :meth:`checking` runs the same check beside other work."""
+        with self.checking():
+            pass
         return self
+
+    @contextlib.contextmanager
+    def checking(self, enabled: bool = True) -> Iterator[None]:
+        """Check the BERTScore model (as :meth:`check`) in a child process while the block runs
+        (e.g. the model under test loads), and raise its one-line error when the block ends. The
+        child runs the loading code of scoring itself (:meth:`load`) and sends back the error
+        it met; where no child can run it, the check runs here. A block that raises stops the
+        child."""
+        if not enabled or not self.bertscore_enabled or self._bert is not None:
+            yield
+            return
+        child = _start_check_child(self)
+        try:
+            yield
+            outcome = _finish_check_child(child) if child is not None else None
+        finally:  # the block raised, or Ctrl-C came while waiting: no child is left running
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.wait()
+        if outcome is None:  # no answer from a child: check here (what the child would have done)
+            self._make_bertscorer()
+        elif outcome:
+            raise ConfigError(*outcome)
 
     def _make_bertscorer(self) -> Any:
         import bert_score
@@ -355,3 +388,51 @@ class Scorer:
             "empty": sum(empty),
             "rows": rows,
         }
+
+
+# ------------------------------------------------------------------ the check's child process
+
+
+def _start_check_child(scorer: Scorer) -> Any:
+    """A child process that loads ``scorer``'s BERTScore model as scoring would; None if none starts."""
+    import subprocess
+    import sys
+
+    spec = {"model": scorer.model_type, "num_layers": scorer.num_layers, "device": scorer.device,
+            "batch_size": scorer.batch_size}
+    # where this layerwise is, for a child whose path lacks it (appended: it shadows nothing)
+    home = str(Path(__file__).resolve().parent.parent)
+    code = ("import sys; home = sys.argv[2]; home in sys.path or sys.path.append(home); "
+            "from layerwise.metrics import _check_in_child; _check_in_child()")
+    try:
+        return subprocess.Popen([sys.executable, "-c", code, json.dumps(spec), home],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    except OSError:
+        return None
+
+
+def _finish_check_child(child: Any) -> tuple[str, str | None] | None:
+    """``()`` when the child loaded the model, ``(problem, fix)`` of the error it met, None when it
+    gave no answer (it crashed, or could not import layerwise)."""
+    out, _err = child.communicate()
+    lines = out.decode("utf-8", "replace").strip().splitlines()
+    try:
+        answer = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or "ok" not in answer:
+        return None
+    return () if answer["ok"] else (str(answer["problem"]), answer.get("fix"))
+
+
+def _check_in_child() -> None:
+    """The check's child: load the BERTScore model given in ``sys.argv[1]``, print the outcome."""
+    import sys
+
+    spec = json.loads(sys.argv[1])
+    try:
+        Scorer(spec["model"], spec["num_layers"], device=spec["device"], batch_size=spec["batch_size"]).load()
+    except ConfigError as exc:
+        print(json.dumps({"ok": False, "problem": exc.problem, "fix": exc.fix}))
+        return
+    print(json.dumps({"ok": True}))

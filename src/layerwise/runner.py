@@ -286,19 +286,19 @@ def evaluate(config: RunConfig, bundle: ModelBundle | None = None, log: Log | No
     data_path = Path(config.prompts) if config.prompts else default_prompts_path()
     if examples is None:
         examples = load_examples(data_path, config.limit)
-    # a bad BERTScore model fails now, not after the run; it is loaded again where the scoring happens
+    # A bad BERTScore model fails before the run, not after it: a child process proves it loads
+    # while the model under test loads (Scorer.checking); scoring loads it again.
     scorer = Scorer(bertscore_model=config.bertscore_model, bertscore_num_layers=config.bertscore_num_layers)
-    if shard is None or shard.rank == 0:
-        scorer.check()
 
     t0 = time.perf_counter()
-    if bundle is None:
-        from .models import load_model
+    with scorer.checking(enabled=shard is None or shard.rank == 0):
+        if bundle is None:
+            from .models import load_model
 
-        with prog.phase("load") as ph:
-            bundle = load_model(config.model, **config.load_config().kwargs())
-            ph.note(f"{bundle.info.get('name')}, {bundle.num_layers} blocks")
-    timing["load_s"] = round(time.perf_counter() - t0, 3)
+            with prog.phase("load") as ph:
+                bundle = load_model(config.model, **config.load_config().kwargs())
+                ph.note(f"{bundle.info.get('name')}, {bundle.num_layers} blocks")
+        timing["load_s"] = round(time.perf_counter() - t0, 3)
     tok, adapter = bundle.tokenizer, bundle.adapter
     check_early_exit(str(adapter.model_type))  # a family whose early exit is not exact: before any compute
     tuned = _tuned_lens(config, bundle, tuned_lens)  # a lens for another model: before any compute
