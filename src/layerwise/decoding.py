@@ -207,7 +207,7 @@ def generate_exits(
     decoding: Decoding | None = None,
     *,
     prefilled: Prefill | None = None,
-    compact_fraction: float = 0.25,
+    compact_fraction: float = 0.05,
     verify_family: bool = True,
     on_step: Callable[[], None] | None = None,
     tuned: Any = None,
@@ -298,7 +298,11 @@ def generate_exits(
             if t + 1 >= dec.max_new_tokens or bool(fin.all()):
                 break
             # Finished rows ride along (their tokens are ignored) until enough of them gather to
-            # be worth dropping from the batch and from every layer's cache.
+            # be worth dropping from the batch and from every layer's cache. A drop copies each
+            # layer's cache once (~a sixth of a decode step on the default model); a finished row
+            # of the deepest exit costs ~1/50 of every step it rides. At 25% of the rows, the
+            # default sweep (20 prompts, 14 of whose final-exit texts end early) never dropped
+            # one: its decode ran 5,040 row-steps where 4,852 suffice (compact_fraction 0.05).
             if int(fin.sum()) >= max(1.0, compact_fraction * len(alive)):
                 keep = (~fin).nonzero().squeeze(-1)
                 keep_dev = keep.to(dev)
