@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from layerwise.archs import Adapter
 from layerwise.decoding import Decoding, _pick, default_exits, generate_exits, prefill
-from layerwise.lens import capture_hidden, layer_stats, run_lens
+from layerwise.lens import capture_hidden, layer_stats, layer_stats_at, run_lens
 from tiny_models import FAMILIES, LAYERS, VOCAB, left_pad, tiny_bundle, tiny_model, truncated_copy
 
 torch.set_num_threads(max(1, min(torch.get_num_threads(), int(os.environ.get("OMP_NUM_THREADS", "1")))))
@@ -370,6 +370,44 @@ def test_lens_statistics_properties(family, tokens, rows):
             raw_naive = naive_stats(raw, final, targets.tolist())
             assert_close(s.entropy_raw[k], raw_naive["entropy"], tol=1e-3, what=f"raw entropy layer {k}")
             assert_close(s.xent_raw[k], raw_naive["xent"], tol=1e-3, what=f"raw xent layer {k}")
+
+
+@settings(max_examples=20, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    family=st.sampled_from(["llama", "gpt2"]),
+    tokens=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=40),
+    rows=st.integers(1, 300),
+    data=st.data(),
+)
+def test_layer_stats_at_is_layer_stats_at_those_positions_from_one_pass(family, tokens, rows, data):
+    """The sweep's lens (one pass; top-k lists and the raw lens only at chosen positions) equals
+    layer_stats over all positions and over those positions with the extras, and sends each
+    normed (layer, position) through the head once."""
+    b, hidden, targets = _lens_inputs(family, tokens)
+    ad, L, n = b.adapter, b.num_layers, len(tokens)
+    at = torch.tensor(sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=n))))
+    calls: list[int] = []
+    real = Adapter.logits
+
+    def counting(self, x):
+        calls.append(int(x.shape[0]))
+        return real(self, x)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Adapter, "logits", counting)
+        whole, detail = layer_stats_at(ad, hidden, targets, at, top_k=4, raw=True, rows_per_matmul=rows)
+    assert sum(calls) == (L + 1) * n + (L + 1) * len(at), "normed: every layer once; raw: the positions of at"
+    ref_all = layer_stats(ad, hidden, targets, rows_per_matmul=rows)
+    ref_at = layer_stats(ad, {k: v[at] for k, v in hidden.items()}, targets[at], top_k=4, raw=True)
+    assert whole.topk_ids is None and whole.entropy_raw is None
+    for name in ("entropy", "kl_to_final", "xent", "top1_agree", "final_top1_rank", "top1_prob"):
+        assert_close(getattr(whole, name), getattr(ref_all, name), tol=1e-5, what=f"{name}, all positions")
+    for name in ("entropy", "kl_to_final", "xent", "entropy_raw", "topk_probs", "top1_prob"):
+        assert_close(getattr(detail, name), getattr(ref_at, name), tol=1e-5, what=f"{name} at {at.tolist()}")
+    assert torch.equal(detail.top1_ids, ref_at.top1_ids)
+    # top-k ids: equal wherever the k-th and (k+1)-th probabilities are not a float tie
+    assert torch.equal(detail.topk_ids[..., 0], ref_at.topk_ids[..., 0])
+    assert_close(detail.top1_prob, detail.topk_probs[..., 0], tol=1e-6, what="top-1 probability = first of the top-k")
 
 
 class _WideAdapter:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -49,6 +49,12 @@ class LayerStats:
     topk_ids: torch.Tensor | None  # (L+1, N, k)
     topk_probs: torch.Tensor | None
     top1_ids: torch.Tensor | None = None  # (L+1, N): each layer's most likely token (long)
+    top1_prob: torch.Tensor | None = None  # (L+1, N): its probability
+
+    def take(self, idx: torch.Tensor) -> "LayerStats":
+        """The statistics at positions ``idx`` only."""
+        return LayerStats(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[:, idx]
+                             for f in fields(self)})
 
 
 #: Rows of one head matmul in the lens: the head streams V × d weights per matmul, so more rows
@@ -85,11 +91,56 @@ def layer_stats(
     ``rows_per_matmul`` rows. Each matmul's logits are then read by :func:`scan_logits`, which
     gives every statistic in a few passes over cache-sized blocks of rows.
     """
+    return _layer_stats(adapter, hidden, targets, top_k=top_k, raw=raw, rows_per_matmul=rows_per_matmul)[0]
+
+
+def layer_stats_at(
+    adapter: Adapter,
+    hidden: dict[int, torch.Tensor],
+    targets: torch.Tensor | None,
+    at: torch.Tensor,
+    *,
+    top_k: int = 0,
+    raw: bool = False,
+    rows_per_matmul: int = ROWS_PER_MATMUL,
+) -> tuple[LayerStats, LayerStats]:
+    """:func:`layer_stats` at all N positions, and at the positions ``at`` (distinct indices) with
+    the costlier extras too: the top-k lists and the raw (no-norm) lens. One pass: the positions
+    of ``at`` go through the head once, their top-k lists read from the same logits as the rest;
+    the raw lens (other inputs) is a head pass over ``at`` alone. The second result is the first
+    at ``at`` (:meth:`LayerStats.take`) plus those extras."""
+    at = torch.as_tensor(at, dtype=torch.long).cpu()
+    st, topk_at = _layer_stats(adapter, hidden, targets, top_k=top_k, rows_per_matmul=rows_per_matmul, at=at)
+    detail = st.take(at)
+    if topk_at is not None:
+        detail.topk_ids, detail.topk_probs = topk_at
+    if raw:
+        sub = {k: v[at.to(v.device)] for k, v in hidden.items()}
+        r, _ = _layer_stats(adapter, sub, None if targets is None else targets[at.to(targets.device)], raw=True,
+                            rows_per_matmul=rows_per_matmul, normed=False)
+        detail.entropy_raw, detail.xent_raw = r.entropy_raw, r.xent_raw
+    return st, detail
+
+
+def _layer_stats(
+    adapter: Adapter,
+    hidden: dict[int, torch.Tensor],
+    targets: torch.Tensor | None,
+    *,
+    top_k: int = 0,
+    raw: bool = False,
+    rows_per_matmul: int = ROWS_PER_MATMUL,
+    at: torch.Tensor | None = None,
+    normed: bool = True,
+) -> tuple[LayerStats, tuple[torch.Tensor, torch.Tensor] | None]:
+    """:func:`layer_stats`; with ``at``, the top-k lists at those positions only, returned beside
+    the statistics ((L+1, len(at), k) ids and probabilities), not in them. ``normed=False``: the
+    raw lens alone (the normed layers below L are not computed; their fields stay zero)."""
     L = adapter.num_layers
     n = hidden[L].shape[0]
     nan = float("nan")
     out: dict[str, torch.Tensor] = {
-        k: torch.zeros(L + 1, n) for k in ("entropy", "kl_to_final", "top1_agree", "final_top1_rank")
+        k: torch.zeros(L + 1, n) for k in ("entropy", "kl_to_final", "top1_agree", "final_top1_rank", "top1_prob")
     }
     want_xent = targets is not None
     if want_xent:
@@ -98,40 +149,55 @@ def layer_stats(
         out["entropy_raw"] = torch.zeros(L + 1, n)
         if want_xent:
             out["xent_raw"] = torch.full((L + 1, n), nan)
-    topk_ids = torch.zeros(L + 1, n, top_k, dtype=torch.long) if top_k else None
+    m = n if at is None else len(at)
+    topk_ids = torch.zeros(L + 1, m, top_k, dtype=torch.long) if top_k else None
+    topk_probs = torch.zeros(L + 1, m, top_k) if top_k else None
     top1_ids = torch.zeros(L + 1, n, dtype=torch.long)
-    topk_probs = torch.zeros(L + 1, n, top_k) if top_k else None
-    jobs = [(k, True) for k in range(L)] + ([(k, False) for k in range(L)] if raw else [])
+    jobs = ([(k, True) for k in range(L)] if normed else []) + ([(k, False) for k in range(L)] if raw else [])
     chunk = balanced_chunk(n, rows_per_matmul)
     per_group = max(1, rows_per_matmul // chunk)
     with torch.inference_mode():
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            zf = adapter.logits(adapter.prepare(hidden[L][s:e], norm=False))  # (c, V), ours to modify
             tgt = None
             if want_xent:
-                tgt = targets[s:e].to(zf.device)
-            final = scan_logits(zf, targets=tgt, top_k=top_k, top1=True, keep_exp=True)
-            del zf  # now z - max, no longer needed: the scans of other layers use final.exp
+                tgt = targets[s:e].to(hidden[L].device)
+            # the positions of ``at`` in this chunk (rows of the chunk, rows of the top-k lists)
+            dst = torch.arange(s, e) if at is None else ((at >= s) & (at < e)).nonzero().squeeze(-1)
+            loc = None if at is None else (at[dst] - s).to(hidden[L].device)
 
-            def record(k: int, normed: bool, sc: Scan) -> None:
-                ent_key, xent_key = ("entropy", "xent") if normed else ("entropy_raw", "xent_raw")
+            def scan(k: int, is_normed: bool, z: torch.Tensor, final: Scan | None) -> Scan:
+                pick = None
+                if top_k and is_normed and loc is not None and loc.numel():
+                    pick = torch.topk(z[loc], top_k, dim=-1)  # before the scan overwrites z
+                sc = scan_logits(z, targets=tgt, top_k=top_k if is_normed and at is None else 0, top1=is_normed,
+                                 rank_of=final.top1 if is_normed and final is not None else None,
+                                 against=final.exp if is_normed and final is not None and k < L else None,
+                                 keep_exp=final is None)
+                ent_key, xent_key = ("entropy", "xent") if is_normed else ("entropy_raw", "xent_raw")
                 out[ent_key][k, s:e] = sc.entropy().float().cpu()
                 if want_xent:
                     out[xent_key][k, s:e] = sc.xent().float().cpu()
-                if not normed:
-                    return
+                if not is_normed:
+                    return sc
                 top1_ids[k, s:e] = sc.top1.cpu()
-                if k < L:
+                out["top1_prob"][k, s:e] = sc.top1_prob().float().cpu()
+                if final is not None:
                     out["kl_to_final"][k, s:e] = sc.kl_from(final).float().cpu()
                     out["top1_agree"][k, s:e] = (sc.top1 == final.top1).float().cpu()
                     out["final_top1_rank"][k, s:e] = sc.rank.cpu()
-                if top_k:
+                if top_k and at is None:
                     ids, probs = sc.topk()
                     topk_ids[k, s:e] = ids.cpu()
                     topk_probs[k, s:e] = probs.float().cpu()
+                elif pick is not None:
+                    topk_ids[k, dst] = pick.indices.cpu()
+                    topk_probs[k, dst] = (pick.values.double() - sc.log_sum_exp()[loc].unsqueeze(-1)).exp().float().cpu()
+                return sc
 
-            record(L, True, final)
+            # layer L: the model's own logits (ours to modify), scanned first: its probabilities
+            # are what every other layer's KL and rank are taken against
+            final = scan(L, True, adapter.logits(adapter.prepare(hidden[L][s:e], norm=False)), None)
             out["kl_to_final"][L, s:e] = 0.0
             out["top1_agree"][L, s:e] = 1.0
             out["final_top1_rank"][L, s:e] = 0.0
@@ -141,16 +207,14 @@ def layer_stats(
                     out["xent_raw"][L, s:e] = out["xent"][L, s:e]
             for g in range(0, len(jobs), per_group):
                 group = jobs[g : g + per_group]
-                x = torch.cat([adapter.prepare(hidden[k][s:e], norm=normed) for k, normed in group])
+                x = torch.cat([adapter.prepare(hidden[k][s:e], norm=is_normed) for k, is_normed in group])
                 z_all = adapter.logits(x).view(len(group), e - s, -1)
                 del x
-                for i, (k, normed) in enumerate(group):
-                    sc = scan_logits(z_all[i], targets=tgt, top_k=top_k if normed else 0, top1=normed,
-                                     rank_of=final.top1 if normed else None,
-                                     against=final.exp if normed and k < L else None)
-                    record(k, normed, sc)
+                for i, (k, is_normed) in enumerate(group):
+                    scan(k, is_normed, z_all[i], final)
                 del z_all
-    return LayerStats(
+            del final
+    st = LayerStats(
         entropy=out["entropy"],
         kl_to_final=out["kl_to_final"],
         top1_agree=out["top1_agree"],
@@ -158,10 +222,12 @@ def layer_stats(
         xent=out.get("xent"),
         entropy_raw=out.get("entropy_raw"),
         xent_raw=out.get("xent_raw"),
-        topk_ids=topk_ids,
-        topk_probs=topk_probs,
+        topk_ids=topk_ids if at is None else None,
+        topk_probs=topk_probs if at is None else None,
         top1_ids=top1_ids,
+        top1_prob=out["top1_prob"],
     )
+    return st, (None if at is None or not top_k else (topk_ids, topk_probs))
 
 
 @dataclass
@@ -336,12 +402,11 @@ def concat_stats(parts: list[LayerStats]) -> LayerStats:
     """LayerStats of several batches joined along the positions."""
     if len(parts) == 1:
         return parts[0]
-    fields = {}
-    for name in ("entropy", "kl_to_final", "top1_agree", "final_top1_rank", "xent", "entropy_raw", "xent_raw", "topk_ids", "topk_probs",
-                 "top1_ids"):
-        vals = [getattr(p, name) for p in parts]
-        fields[name] = None if vals[0] is None else torch.cat(vals, dim=1)
-    return LayerStats(**fields)
+    joined = {}
+    for f in fields(LayerStats):
+        vals = [getattr(p, f.name) for p in parts]
+        joined[f.name] = None if vals[0] is None else torch.cat(vals, dim=1)
+    return LayerStats(**joined)
 
 
 def per_row_records(st_all: LayerStats, st_first: LayerStats, counts: list[int]) -> dict[str, Any]:
@@ -389,7 +454,7 @@ def lens_results(st_all: LayerStats, st_first: LayerStats, counts: list[int], *,
             "row": row,
             "positions": [token_text(t) for t in inputs],
             "layers": list(range(L + 1)),
-            "top_token": [[token_text(int(gs.topk_ids[k, p, 0])) for p in range(n)] for k in range(L + 1)],
-            "top_prob": [[rounded(gs.topk_probs[k, p, 0], 4) for p in range(n)] for k in range(L + 1)],
+            "top_token": [[token_text(int(gs.top1_ids[k, p])) for p in range(n)] for k in range(L + 1)],
+            "top_prob": [[rounded(gs.top1_prob[k, p], 4) for p in range(n)] for k in range(L + 1)],
         }
     return out

@@ -154,7 +154,7 @@ def sweep_parts(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[
     from .compat import crop_cache, new_cache
     from .decoding import Prefill, generate_exits
     from .families import batch_prompts
-    from .lens import layer_stats, pack_rows
+    from .lens import layer_stats_at, pack_rows
 
     model, tok, adapter = bundle.model, bundle.tokenizer, bundle.adapter
     dec = config.decoding
@@ -182,26 +182,23 @@ def sweep_parts(bundle: ModelBundle, prompt_ids: list[list[int]], ref_ids: list[
             flat = {k: v[valid.to(v.device)] for k, v in store.items()}
             del store
             # Teacher-forced statistics at every reference position; the costlier extras (top-k
-            # lists, the raw no-norm lens) only at each row's first response position.
-            st = layer_stats(adapter, flat, targets[valid])
+            # lists, the raw no-norm lens) only at each row's first response position, read from
+            # the same pass.
             counts = valid.sum(1).tolist()
             starts = torch.tensor([sum(counts[:j]) for j in range(len(counts))])
-            first_hidden = {k: v[starts.to(v.device)] for k, v in flat.items()}
-            st_first = layer_stats(adapter, first_hidden, targets[valid][starts], top_k=config.lens_top_k, raw=config.raw_lens)
+            st, st_first = layer_stats_at(adapter, flat, targets[valid], starts, top_k=config.lens_top_k,
+                                          raw=config.raw_lens)
             t_st = t_st_first = None
             if tuned is not None:  # the same positions through translator k, then the final norm and head
                 t5 = time.perf_counter()
                 with torch.inference_mode():
                     t_flat = tuned.translate_layers(flat)
-                t_st = layer_stats(adapter, t_flat, targets[valid])
-                t_st_first = layer_stats(adapter, {k: v[starts.to(v.device)] for k, v in t_flat.items()},
-                                         targets[valid][starts], top_k=config.lens_top_k)
+                t_st, t_st_first = layer_stats_at(adapter, t_flat, targets[valid], starts, top_k=config.lens_top_k)
                 del t_flat
                 out.tuned_s += time.perf_counter() - t5
-            if rows.start == 0 and config.lens_top_k:
+            if rows.start == 0 and config.lens_top_k:  # the first row's first positions: top-1 per layer
                 n_grid = min(16, counts[0])
-                grid_hidden = {k: v[:n_grid] for k, v in flat.items()}
-                out.grid_stats = layer_stats(adapter, grid_hidden, None, top_k=1)
+                out.grid_stats = st.take(torch.arange(n_grid))
                 out.grid_inputs = [prompt_ids[0][-1]] + ref_ids[0][: n_grid - 1]
             out.lens_s += time.perf_counter() - t1
             lens_bar.update(len(rows))

@@ -66,6 +66,10 @@ class Scan:
         s = self.sum_exp.double()
         return s.log() - self.sum_ey.double() / s
 
+    def top1_prob(self) -> torch.Tensor:
+        """The probability of the most likely token: exp(max - lse) = 1 / S."""
+        return self.sum_exp.double().reciprocal()
+
     def xent(self) -> torch.Tensor:
         assert self.target_gap is not None
         return self.target_gap + self.sum_exp.double().log()
