@@ -159,14 +159,15 @@ def _layer_stats(
     with torch.inference_mode():
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            tgt = None
-            if want_xent:
-                tgt = targets[s:e].to(hidden[L].device)
-            # the positions of ``at`` in this chunk (rows of the chunk, rows of the top-k lists)
-            dst = torch.arange(s, e) if at is None else ((at >= s) & (at < e)).nonzero().squeeze(-1)
-            loc = None if at is None else (at[dst] - s).to(hidden[L].device)
+            tgt_chunk = targets[s:e] if want_xent else None
+            # the positions of ``at`` in this chunk: as rows of the top-k lists, and of the chunk
+            dst = None if at is None else ((at >= s) & (at < e)).nonzero().squeeze(-1)
+            loc_chunk = None if dst is None else at[dst] - s
 
             def scan(k: int, is_normed: bool, z: torch.Tensor, final: Scan | None) -> Scan:
+                # on the logits' device (the head's, which a device map may put apart from the hidden states)
+                tgt = None if tgt_chunk is None else tgt_chunk.to(z.device)
+                loc = None if loc_chunk is None else loc_chunk.to(z.device)
                 pick = None
                 if top_k and is_normed and loc is not None and loc.numel():
                     pick = torch.topk(z[loc], top_k, dim=-1)  # before the scan overwrites z
