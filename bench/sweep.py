@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     t_floor, t_lens = statistics.median(t_floor_all), statistics.median(t_lens_all)
     spread = [round(a / b, 3) for a, b in zip(t_lens_all, t_floor_all)]
     print(f"T_lens   {t_lens:8.2f} s   teacher-forced lens statistics, {L + 1} layers × {tf_targets.shape[0]} positions "
-          f"(lens.layer_stats, as in T_full)")
+          f"(lens.layer_stats; T_full's layer_stats_at adds the top-k lists and the raw lens at each row's first position)")
     print(f"T_floor  {t_floor:8.2f} s   its floor: the head's matmuls alone on the same rows, same chunks, same dtype "
           f"(per repetition, lens / floor: {spread})")
 
