@@ -115,10 +115,14 @@ def layer_stats_at(
     if topk_at is not None:
         detail.topk_ids, detail.topk_probs = topk_at
     if raw:
+        L = adapter.num_layers
         sub = {k: v[at.to(v.device)] for k, v in hidden.items()}
         r, _ = _layer_stats(adapter, sub, None if targets is None else targets[at.to(targets.device)], raw=True,
                             rows_per_matmul=rows_per_matmul, normed=False)
         detail.entropy_raw, detail.xent_raw = r.entropy_raw, r.xent_raw
+        detail.entropy_raw[L] = detail.entropy[L]  # layer L is the model's output either way
+        if detail.xent_raw is not None:
+            detail.xent_raw[L] = detail.xent[L]
     return st, detail
 
 
@@ -135,7 +139,7 @@ def _layer_stats(
 ) -> tuple[LayerStats, tuple[torch.Tensor, torch.Tensor] | None]:
     """:func:`layer_stats`; with ``at``, the top-k lists at those positions only, returned beside
     the statistics ((L+1, len(at), k) ids and probabilities), not in them. ``normed=False``: the
-    raw lens alone (the normed layers below L are not computed; their fields stay zero)."""
+    raw lens of layers 0..L-1 alone (nothing else is computed: every other field stays zero)."""
     L = adapter.num_layers
     n = hidden[L].shape[0]
     nan = float("nan")
@@ -172,9 +176,9 @@ def _layer_stats(
                 if top_k and is_normed and loc is not None and loc.numel():
                     pick = torch.topk(z[loc], top_k, dim=-1)  # before the scan overwrites z
                 sc = scan_logits(z, targets=tgt, top_k=top_k if is_normed and at is None else 0, top1=is_normed,
-                                 rank_of=final.top1 if is_normed and final is not None else None,
-                                 against=final.exp if is_normed and final is not None and k < L else None,
-                                 keep_exp=final is None)
+                                 rank_of=final.top1 if is_normed and k < L else None,
+                                 against=final.exp if is_normed and k < L else None,
+                                 keep_exp=k == L)
                 ent_key, xent_key = ("entropy", "xent") if is_normed else ("entropy_raw", "xent_raw")
                 out[ent_key][k, s:e] = sc.entropy().float().cpu()
                 if want_xent:
@@ -183,7 +187,7 @@ def _layer_stats(
                     return sc
                 top1_ids[k, s:e] = sc.top1.cpu()
                 out["top1_prob"][k, s:e] = sc.top1_prob().float().cpu()
-                if final is not None:
+                if k < L:
                     out["kl_to_final"][k, s:e] = sc.kl_from(final).float().cpu()
                     out["top1_agree"][k, s:e] = (sc.top1 == final.top1).float().cpu()
                     out["final_top1_rank"][k, s:e] = sc.rank.cpu()
@@ -198,11 +202,11 @@ def _layer_stats(
 
             # layer L: the model's own logits (ours to modify), scanned first: its probabilities
             # are what every other layer's KL and rank are taken against
-            final = scan(L, True, adapter.logits(adapter.prepare(hidden[L][s:e], norm=False)), None)
-            out["kl_to_final"][L, s:e] = 0.0
-            out["top1_agree"][L, s:e] = 1.0
-            out["final_top1_rank"][L, s:e] = 0.0
-            if raw:  # layer L is the model's output either way
+            final = None
+            if normed:
+                final = scan(L, True, adapter.logits(adapter.prepare(hidden[L][s:e], norm=False)), None)
+                out["top1_agree"][L, s:e] = 1.0  # (KL and rank to itself: 0)
+            if raw and normed:  # layer L is the model's output either way
                 out["entropy_raw"][L, s:e] = out["entropy"][L, s:e]
                 if want_xent:
                     out["xent_raw"][L, s:e] = out["xent"][L, s:e]
